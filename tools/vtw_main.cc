@@ -1,9 +1,13 @@
-// `vtw`: the command-line tool. Subcommands are registered in tools/*_command.cc.
+// `vtw`: the command-line tool. Each subcommand lives in tools/*_command.cc.
 #include <CLI/CLI.hpp>
+
+#include "tools/commands.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"vtw: LLaVA inference with Visual Tokens Withdrawal"};
   app.require_subcommand(1);
+  vtw::tools::RegisterGenerateCommand(app);
+  vtw::tools::RegisterDatasetCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -1,0 +1,58 @@
+// ForwardBatch: the flat, ragged batch that LlavaModel::Forward runs. Tokens from many
+// sequences at once (prefill chunks and single decode tokens mixed); each token carries its
+// sequence, position id and kind (text or image). Plain data; thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace vtw {
+
+class KvCache;
+
+enum class TokenKind : uint8_t { kText = 0, kImage = 1 };
+
+// The rows of one sequence in a batch. Rows of a sequence are contiguous and in order.
+struct SequenceChunk {
+  KvCache* cache = nullptr;  // new keys/values are appended; nullptr: no cache (attend within
+                             // the chunk only, as in training)
+  int num_tokens = 0;        // rows of this sequence in the batch
+  // Withdrawal layer K: before decoder layer K runs, this sequence's image rows leave the batch.
+  // K >= num_layers (or any value past the last layer) means no withdrawal.
+  int withdraw_layer = 1 << 30;
+  bool compute_logits = true;  // logits of the sequence's last row
+};
+
+struct ForwardBatch {
+  std::vector<int64_t> token_ids;  // [T]; ignored for image rows
+  std::vector<int64_t> positions;  // [T] original position ids (not renumbered by withdrawal)
+  std::vector<TokenKind> kinds;    // [T]
+  std::vector<SequenceChunk> seqs;
+  at::Tensor image_embeds;         // [num image rows, Ht], in the order of the image rows
+
+  int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
+};
+
+// What Forward can record besides logits (tests, calibration, the attention-sink study).
+struct ForwardTrace {
+  bool all_logits = false;         // logits for every row present after the last layer
+  bool hidden_states = false;      // [layers + 1] hidden states of the rows present at each
+  bool last_row_attention = false; // per layer, attention probs of each sequence's last row
+
+  std::vector<at::Tensor> hidden;         // [0] = input embeddings, [i] = after layer i - 1,
+                                          // back = final norm output; each [rows_i, Ht]
+  at::Tensor logits_all;                  // [rows at the end, V] fp32
+  std::vector<int64_t> final_rows_seq;    // [rows at the end] sequence index of each row
+  // attention[layer][seq]: [heads, keys] probabilities of the sequence's last row over the keys
+  // of that layer (cache entries then chunk rows).
+  std::vector<std::vector<at::Tensor>> attention;
+};
+
+struct ForwardOutput {
+  at::Tensor logits;                 // [num seqs with compute_logits, V] fp32
+  std::vector<int> logits_seq;       // sequence index of each logits row
+};
+
+}  // namespace vtw

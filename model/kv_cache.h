@@ -1,0 +1,51 @@
+// KvCache: the key/value cache of one sequence, one growable buffer per decoder layer.
+// Layers may hold different numbers of entries (with Visual Tokens Withdrawal, layers >= K hold
+// no image entries). Not thread-safe: owned by whoever runs the model (the engine thread).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace vtw {
+
+class KvCache {
+ public:
+  // `capacity_hint[l]` pre-sizes layer l (entries); the cache grows past it when needed.
+  KvCache(int num_layers, int num_kv_heads, int head_dim, at::ScalarType dtype,
+          const std::vector<int64_t>& capacity_hint = {});
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+  KvCache(KvCache&&) = default;
+  KvCache& operator=(KvCache&&) = default;
+
+  int num_layers() const { return static_cast<int>(length_.size()); }
+  // Entries held by `layer`.
+  int64_t length(int layer) const { return length_[layer]; }
+
+  // Appends `k`, `v` ([kv_heads, n, head_dim]) to `layer`.
+  void Append(int layer, const at::Tensor& k, const at::Tensor& v);
+
+  // Views of the held entries of `layer`: [kv_heads, length, head_dim].
+  at::Tensor keys(int layer) const;
+  at::Tensor values(int layer) const;
+
+  // Bytes of the entries held (2 * kv_heads * head_dim * element size per entry and layer).
+  int64_t bytes_used() const;
+  // Bytes per entry and layer (keys and values).
+  int64_t bytes_per_entry() const { return entry_bytes_; }
+
+ private:
+  void Reserve(int layer, int64_t entries);
+
+  int num_kv_heads_;
+  int head_dim_;
+  at::ScalarType dtype_;
+  int64_t entry_bytes_;
+  std::vector<at::Tensor> k_;  // [kv_heads, capacity, head_dim] per layer
+  std::vector<at::Tensor> v_;
+  std::vector<int64_t> length_;
+};
+
+}  // namespace vtw
