@@ -8,9 +8,10 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libopencv-dev libspdlog-dev prometheus-cpp-dev libsentencepiece-dev sentencepiece
+  libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece
   nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
-  prometheus python3 python3-grpcio python3-protobuf python3-numpy
+  prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml
+  kubernetes-client yamllint
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

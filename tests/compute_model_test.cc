@@ -72,7 +72,9 @@ TEST(ComputeModel, MatchesBruteForceCountAndWithdrawnWork) {
       Flops f = cm.ChunkFlops(kinds, begin, end, k, /*logits=*/true);
       EXPECT_EQ(f.flops, brute.dense + brute.attention + vocab_row);
       EXPECT_EQ(f.saved(), brute.withdrawn);
-      if (k == 4) EXPECT_EQ(f.saved(), 0);
+      if (k == 4) {
+        EXPECT_EQ(f.saved(), 0);
+      }
     }
     // A decode step equals a one-token chunk.
     Flops step = cm.DecodeStepFlops(total - 1 - 16, 16, k);
