@@ -44,7 +44,7 @@ struct ForwardTrace {
   std::vector<at::Tensor> hidden;         // [0] = input embeddings, [i] = after layer i - 1,
                                           // back = final norm output; each [rows_i, Ht]
   at::Tensor logits_all;                  // [rows at the end, V] fp32
-  std::vector<int64_t> final_rows_seq;    // [rows at the end] sequence index of each row
+  std::vector<int64_t> final_rows;        // [rows at the end] original batch row of each row
   // attention[layer][seq]: [heads, keys] probabilities of the sequence's last row over the keys
   // of that layer (cache entries then chunk rows).
   std::vector<std::vector<at::Tensor>> attention;

@@ -255,8 +255,7 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
     at::Tensor normed = RmsNorm(x, w.norm, tc.rms_norm_eps);
     if (trace->hidden_states) trace->hidden.push_back(normed);
     if (trace->all_logits) trace->logits_all = at::linear(normed, w.lm_head).to(at::kFloat);
-    trace->final_rows_seq.clear();
-    for (int64_t r : active) trace->final_rows_seq.push_back(row_seq[r]);
+    trace->final_rows = active;
   }
   if (!logit_rows.empty()) {
     at::Tensor rows = x.index_select(0, LongTensor(logit_rows));
