@@ -69,7 +69,11 @@ StatusOr<PreparedPrompt> PreparePrompt(const ModelBundle& bundle, std::string_vi
   PreparedPrompt prepared;
   prepared.layout = std::move(layout);
   if (has_image) {
-    VTW_ASSIGN_OR_RETURN(cv::Mat rgb, DecodeImage(image_bytes, limits));
+    StatusOr<cv::Mat> decoded = DecodeImage(image_bytes, limits);
+    if (!decoded.ok()) {
+      return Status(decoded.status().code(), "invalid image: " + decoded.status().message());
+    }
+    const cv::Mat& rgb = *decoded;
     prepared.image_width = rgb.cols;
     prepared.image_height = rgb.rows;
     VTW_ASSIGN_OR_RETURN(std::vector<float> chw, PreprocessImage(rgb, bundle.image_config));
