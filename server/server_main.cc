@@ -1,0 +1,202 @@
+// vtw-server: serves a LLaVA model over gRPC with Visual Tokens Withdrawal. With no flags it
+// serves the shipped model on 0.0.0.0:50051 with metrics on 0.0.0.0:9090/metrics. Every flag
+// has a VTW_* environment variable and may come from a config file (--config, TOML/INI).
+#include <pthread.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "server/engine.h"
+#include "server/log_format.h"
+#include "server/metrics.h"
+#include "server/metrics_http.h"
+#include "server/service.h"
+
+namespace {
+
+struct ServerFlags {
+  std::string model;
+  std::string listen = "0.0.0.0:50051";
+  std::string metrics_listen = "0.0.0.0:9090";
+  std::string dtype = "fp32";
+  std::string device = "cpu";
+  int threads = 0;
+  int max_queue = 256;
+  int64_t kv_cache_bytes = int64_t{1} << 30;
+  int64_t max_batch_tokens = 512;
+  int max_running = 32;
+  int image_cache_entries = 256;
+  int drain_timeout = 30;
+  std::string log_format = "text";
+  std::string log_level = "info";
+  int default_max_new_tokens = 64;
+  int max_new_tokens_limit = 512;
+  int64_t max_image_pixels = 40'000'000;
+  int64_t max_message_bytes = 16 << 20;
+  int64_t max_prompt_bytes = 16384;
+  int max_connection_age = 300;
+};
+
+void AddFlags(CLI::App& app, ServerFlags& f) {
+  auto opt = [&](const char* name, auto& value, const char* env, const char* help) {
+    app.add_option(name, value, help)->envname(env)->capture_default_str();
+  };
+  opt("--model", f.model, "VTW_MODEL", "Model directory (default: the shipped model)");
+  opt("--listen", f.listen, "VTW_LISTEN", "gRPC address");
+  opt("--metrics-listen", f.metrics_listen, "VTW_METRICS_LISTEN", "Prometheus /metrics address");
+  opt("--dtype", f.dtype, "VTW_DTYPE", "fp32 or bf16");
+  opt("--device", f.device, "VTW_DEVICE", "cpu (cuda needs a CUDA build of LibTorch)");
+  opt("--threads", f.threads, "VTW_THREADS", "Model threads (0 = all cores)");
+  opt("--max-queue", f.max_queue, "VTW_MAX_QUEUE", "Waiting requests before RESOURCE_EXHAUSTED");
+  opt("--kv-cache-bytes", f.kv_cache_bytes, "VTW_KV_CACHE_BYTES", "KV-cache budget (bytes)");
+  opt("--max-batch-tokens", f.max_batch_tokens, "VTW_MAX_BATCH_TOKENS", "Tokens per engine step");
+  opt("--max-running", f.max_running, "VTW_MAX_RUNNING", "Requests in the running batch");
+  opt("--image-cache-entries", f.image_cache_entries, "VTW_IMAGE_CACHE_ENTRIES",
+      "Encoded images kept for reuse");
+  opt("--drain-timeout", f.drain_timeout, "VTW_DRAIN_TIMEOUT",
+      "Seconds in-flight requests get to finish after SIGTERM");
+  opt("--log-format", f.log_format, "VTW_LOG_FORMAT", "text or json");
+  opt("--log-level", f.log_level, "VTW_LOG_LEVEL", "trace, debug, info, warn, error");
+  opt("--default-max-new-tokens", f.default_max_new_tokens, "VTW_DEFAULT_MAX_NEW_TOKENS",
+      "max_new_tokens when a request leaves it unset");
+  opt("--max-new-tokens-limit", f.max_new_tokens_limit, "VTW_MAX_NEW_TOKENS_LIMIT",
+      "Largest max_new_tokens accepted");
+  opt("--max-image-pixels", f.max_image_pixels, "VTW_MAX_IMAGE_PIXELS",
+      "Largest decoded image (width x height)");
+  opt("--max-message-bytes", f.max_message_bytes, "VTW_MAX_MESSAGE_BYTES",
+      "Largest request message (RESOURCE_EXHAUSTED above)");
+  opt("--max-prompt-bytes", f.max_prompt_bytes, "VTW_MAX_PROMPT_BYTES", "Largest prompt text");
+  opt("--max-connection-age", f.max_connection_age, "VTW_MAX_CONNECTION_AGE",
+      "Seconds before a client connection is asked to reconnect (spreads load after scale-up)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vtw-server: LLaVA over gRPC with Visual Tokens Withdrawal"};
+  ServerFlags f;
+  AddFlags(app, f);
+  app.set_config("--config", "", "Read flags from a TOML/INI file")->envname("VTW_CONFIG");
+  CLI11_PARSE(app, argc, argv);
+
+  vtw::ConfigureLogging(f.log_format, f.log_level);
+  if (f.device != "cpu") {
+    spdlog::error("--device {} is not available: this build of LibTorch supports cpu only", f.device);
+    return 1;
+  }
+  auto dtype = vtw::ParseDType(f.dtype);
+  if (!dtype.ok()) {
+    spdlog::error("{}", dtype.status().message());
+    return 1;
+  }
+  if (f.model.empty()) f.model = vtw::DefaultModelDir();
+  spdlog::info("effective configuration:\n{}", app.config_to_str(true, false));
+
+  // SIGTERM / SIGINT are taken synchronously by the main thread (blocked everywhere else).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  const int threads = f.threads > 0 ? f.threads : static_cast<int>(std::thread::hardware_concurrency());
+  at::set_num_threads(threads);
+
+  vtw::ServerMetrics metrics;
+  vtw::MetricsHttpServer metrics_http(metrics.registry());
+  if (vtw::Status st = metrics_http.Start(f.metrics_listen); !st.ok()) {
+    spdlog::error("cannot serve metrics: {}", st.message());
+    return 1;
+  }
+  spdlog::info("metrics on http://{}/metrics", f.metrics_listen);
+
+  vtw::ServiceLimits limits;
+  limits.default_max_new_tokens = f.default_max_new_tokens;
+  limits.max_new_tokens_limit = f.max_new_tokens_limit;
+  limits.max_prompt_bytes = static_cast<size_t>(f.max_prompt_bytes);
+  limits.image.max_pixels = f.max_image_pixels;
+  limits.image.max_bytes = static_cast<size_t>(f.max_message_bytes);
+  vtw::InferenceServiceImpl service(limits, &metrics);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(f.listen, grpc::InsecureServerCredentials(), &bound_port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(f.max_message_bytes));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, f.max_connection_age * 1000);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 60 * 1000);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    spdlog::error("cannot listen on {}", f.listen);
+    return 1;
+  }
+  auto* health = server->GetHealthCheckService();
+  auto set_health = [&](bool serving) {
+    health->SetServingStatus(serving);
+    health->SetServingStatus("vtw.v1.InferenceService", serving);
+  };
+  set_health(false);
+  spdlog::info("gRPC listening on {} (port {}); loading model {} ({})", f.listen, bound_port,
+               f.model, f.dtype);
+
+  const auto load_start = std::chrono::steady_clock::now();
+  auto bundle = vtw::ModelBundle::Load(f.model, *dtype);
+  if (!bundle.ok()) {
+    spdlog::error("cannot load the model: {}", bundle.status().message());
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    return 1;
+  }
+  const auto& config = (*bundle)->model->config();
+  spdlog::info("model {} loaded in {:.2f} s: {} decoder layers, {} image tokens, default VTW {}",
+               config.name,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
+               config.text.num_hidden_layers, config.num_image_tokens(),
+               (*bundle)->vtw.default_layer ? "K=" + std::to_string(*(*bundle)->vtw.default_layer)
+                                            : std::string("off"));
+
+  vtw::EngineOptions engine_options;
+  engine_options.scheduler.max_batch_tokens = f.max_batch_tokens;
+  engine_options.scheduler.max_running = f.max_running;
+  engine_options.scheduler.kv_cache_bytes = f.kv_cache_bytes;
+  engine_options.max_queue = f.max_queue;
+  engine_options.image_cache_entries = static_cast<size_t>(std::max(0, f.image_cache_entries));
+  auto engine = std::make_unique<vtw::Engine>(**bundle, engine_options, &metrics,
+                                              [&](const std::string&) { set_health(false); });
+  service.SetEngine(bundle->get(), engine.get());
+  set_health(true);
+  spdlog::info("serving");
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("{} received: draining for up to {} s", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               f.drain_timeout);
+  set_health(false);
+  engine->Drain();
+  const bool idle = engine->WaitIdle(std::chrono::steady_clock::now() +
+                                     std::chrono::seconds(f.drain_timeout));
+  if (!idle) {
+    spdlog::warn("drain timeout: {} running and {} waiting requests end with UNAVAILABLE",
+                 engine->num_running(), engine->num_waiting());
+  }
+  engine->Stop(vtw::Status(vtw::StatusCode::kUnavailable,
+                           "the server shut down before the request finished; retry"));
+  service.ClearEngine();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  engine.reset();
+  spdlog::info("stopped");
+  return 0;
+}
