@@ -102,7 +102,9 @@ std::string TestServer::HealthStatus() const {
   return "UNPARSED";
 }
 
-std::string ScrapeMetrics(int port) {
+std::string ScrapeMetrics(int port) { return HttpGet(port, "/metrics"); }
+
+std::string HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -112,7 +114,8 @@ std::string ScrapeMetrics(int port) {
     close(fd);
     return "";
   }
-  const std::string req = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  const std::string req =
+      "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
   send(fd, req.data(), req.size(), MSG_NOSIGNAL);
   std::string out;
   char buf[8192];

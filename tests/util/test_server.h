@@ -50,6 +50,8 @@ class TestServer {
 
 // GET http://127.0.0.1:port/metrics (body only; empty on failure).
 std::string ScrapeMetrics(int port);
+// GET http://127.0.0.1:port<path> over HTTP/1.0 (no chunked replies); body only, "" on failure.
+std::string HttpGet(int port, const std::string& path);
 // The value of one sample line `name{labels}` in Prometheus text, or -1 when absent.
 double MetricValue(const std::string& text, const std::string& series);
 
