@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs dependencies (Debian 12), builds, and runs the main job. Extra arguments go to the
-# program. Until the gRPC server lands this runs `vtw generate` on an example image.
+# Installs dependencies (Debian 12), builds, and runs vtw-server on the shipped model
+# (models/vtw-shapes): gRPC on 0.0.0.0:50051, metrics on 0.0.0.0:9090/metrics. Extra arguments go
+# to vtw-server (see `build/vtw-server --help`); every flag also has a VTW_* environment variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
-if [ -x build/vtw-server ]; then
-  exec build/vtw-server "$@"
+args=()
+if [ ! -f models/vtw-shapes/config.json ] && [ -z "${VTW_MODEL:-}" ]; then
+  echo "[run] the shipped model models/vtw-shapes is not there; serving the tiny HF test model" >&2
+  args=(--model tests/data/oracle/tiny-llava)
 fi
-exec build/vtw generate --image tests/data/oracle/images/red_circle.png \
-  --prompt "What color is the circle?" "$@"
+exec build/vtw-server "${args[@]}" "$@"

@@ -224,6 +224,37 @@ TEST(ServerOps, RealPrometheusSeesTheFlopsSavedTheResponsesReport) {
   EXPECT_EQ(seen, saved) << prometheus.Log();
   EXPECT_EQ(ScalarOf(prometheus.Query("sum(vtw_requests_total{code=\"OK\"})")), 8);
   EXPECT_EQ(ScalarOf(prometheus.Query("up{job=\"vtw-serve\"}")), 1);
+
+  // Load for a few scrape intervals (streams, repeated images, several K), then every Grafana
+  // panel query and every recording rule must evaluate without error and return data.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(6);
+  for (int i = 0; std::chrono::steady_clock::now() < until; ++i) {
+    grpc::ClientContext ctx;
+    auto reader = stub->GenerateStream(&ctx, Request(i % 8, 8, i % 5 - 1));
+    v1::GenerateStreamResponse m;
+    while (reader->Read(&m)) {
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  const std::string script = std::string(VTW_SOURCE_DIR) + "/scripts/dashboard-queries.py";
+  int checked = 0;
+  for (const char* what : {"--dashboard-only", "--rules"}) {
+    std::vector<std::string> argv = {"/usr/bin/python3", script};
+    if (std::string(what) == "--rules") argv.push_back("--rules");
+    auto listed = testing::RunProcess(argv);
+    ASSERT_EQ(listed.exit_code, 0) << listed.err;
+    std::istringstream lines(listed.out);
+    std::string expr;
+    while (std::getline(lines, expr)) {
+      if (expr.empty()) continue;
+      ++checked;
+      nlohmann::json result = prometheus.Query(expr);
+      EXPECT_FALSE(result.is_null()) << "query failed: " << expr;
+      EXPECT_FALSE(result.is_array() && result.empty()) << "no data: " << expr;
+    }
+  }
+  EXPECT_GT(checked, 40);
 }
 
 }  // namespace
