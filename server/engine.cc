@@ -239,19 +239,18 @@ void Engine::StartRequests(std::vector<std::unique_ptr<Request>>& admitted) {
       metrics_->image_cache_hits->Increment();  // same image twice in one batch
     }
   }
+  at::Tensor encoded;  // [keys, n_img, Ht]
   if (!pixels.empty()) {
     const auto start = Clock::now();
-    at::Tensor features = model_.EncodeImages(at::cat(pixels, 0));  // [N, n_img, Ht]
+    encoded = model_.EncodeImages(at::cat(pixels, 0));
     if (metrics_) metrics_->vision_encoder_duration->Observe(Seconds(Clock::now() - start));
-    for (size_t i = 0; i < keys.size(); ++i) image_cache_.Insert(keys[i], features[i]);
+    for (size_t i = 0; i < keys.size(); ++i) image_cache_.Insert(keys[i], encoded[i]);
   }
   for (auto& r : admitted) {
     const PromptLayout& layout = r->prompt.layout;
     if (layout.num_image_tokens > 0 && !r->image_features.defined()) {
-      r->image_features = image_cache_.Find(r->image_key);
-      if (!r->image_features.defined()) {  // evicted by a tiny cache within this batch
-        r->image_features = model_.EncodeImages(r->prompt.pixel_values)[0];
-      }
+      const size_t i = std::find(keys.begin(), keys.end(), r->image_key) - keys.begin();
+      r->image_features = encoded[static_cast<int64_t>(i)];  // encoded in this batch
     }
     r->prompt.pixel_values = at::Tensor();  // no longer needed
     std::vector<int64_t> capacity(num_layers);
