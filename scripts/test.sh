@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
-echo "[test] ctest" >&2
-(cd build && ctest --output-on-failure -j "${VTW_TEST_JOBS:-2}" --timeout 900)
 echo "[test] deployment checks" >&2
 scripts/check-deploy.sh
+echo "[test] ctest" >&2
+cd build
+exec ctest --output-on-failure -j "${VTW_TEST_JOBS:-2}" --timeout 900
