@@ -90,6 +90,28 @@ int main(int argc, char** argv) {
   AddFlags(app, f);
   app.set_config("--config", "", "Read flags from a TOML/INI file")->envname("VTW_CONFIG");
   CLI11_PARSE(app, argc, argv);
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"--max-running", f.max_running},
+                             {"--max-batch-tokens", f.max_batch_tokens},
+                             {"--kv-cache-bytes", f.kv_cache_bytes},
+                             {"--default-max-new-tokens", f.default_max_new_tokens},
+                             {"--max-new-tokens-limit", f.max_new_tokens_limit},
+                             {"--max-image-pixels", f.max_image_pixels},
+                             {"--max-message-bytes", f.max_message_bytes},
+                             {"--max-prompt-bytes", f.max_prompt_bytes}}) {
+    if (value < 1) {
+      std::fprintf(stderr, "error: %s must be >= 1, got %lld\n", name,
+                   static_cast<long long>(value));
+      return 2;
+    }
+  }
+  if (f.max_queue < 0 || f.drain_timeout < 0 || f.threads < 0) {
+    std::fprintf(stderr, "error: --max-queue, --drain-timeout and --threads must be >= 0\n");
+    return 2;
+  }
+  if (f.default_max_new_tokens > f.max_new_tokens_limit) {
+    std::fprintf(stderr, "error: --default-max-new-tokens exceeds --max-new-tokens-limit\n");
+    return 2;
+  }
 
   vtw::ConfigureLogging(f.log_format, f.log_level);
   if (f.device != "cpu") {

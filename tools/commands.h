@@ -8,5 +8,9 @@ namespace vtw::tools {
 
 void RegisterGenerateCommand(CLI::App& app);
 void RegisterDatasetCommand(CLI::App& app);
+void RegisterEvalCommand(CLI::App& app);  // also adds `study`
+void RegisterCalibrateCommand(CLI::App& app);
+void RegisterTrainCommand(CLI::App& app);
+void RegisterClientCommand(CLI::App& app);
 
 }  // namespace vtw::tools

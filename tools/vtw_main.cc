@@ -8,6 +8,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   vtw::tools::RegisterGenerateCommand(app);
   vtw::tools::RegisterDatasetCommand(app);
+  vtw::tools::RegisterEvalCommand(app);
+  vtw::tools::RegisterCalibrateCommand(app);
+  vtw::tools::RegisterTrainCommand(app);
+  vtw::tools::RegisterClientCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
