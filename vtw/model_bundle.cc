@@ -44,12 +44,10 @@ StatusOr<std::unique_ptr<ModelBundle>> ModelBundle::Load(const std::string& dir,
   return bundle;
 }
 
-StatusOr<PreparedPrompt> PreparePrompt(const ModelBundle& bundle, std::string_view image_bytes,
-                                       const std::string& prompt, bool raw, int max_new_tokens,
-                                       const ImageLimits& limits) {
+StatusOr<PromptLayout> BuildPromptLayout(const ModelBundle& bundle, const std::string& prompt,
+                                         bool raw, bool has_image, int max_new_tokens) {
   if (prompt.empty()) return InvalidArgument("the prompt is empty");
   const LlavaConfig& config = bundle.model->config();
-  const bool has_image = !image_bytes.empty();
   if (!raw && CountOccurrences(prompt, "<image>") > 0) {
     return InvalidArgument("the prompt contains <image>: the server places the image itself; "
                            "send the question only");
@@ -66,6 +64,15 @@ StatusOr<PreparedPrompt> PreparePrompt(const ModelBundle& bundle, std::string_vi
                            ": together over the model's context length of " +
                            std::to_string(max_len));
   }
+  return layout;
+}
+
+StatusOr<PreparedPrompt> PreparePrompt(const ModelBundle& bundle, std::string_view image_bytes,
+                                       const std::string& prompt, bool raw, int max_new_tokens,
+                                       const ImageLimits& limits) {
+  const bool has_image = !image_bytes.empty();
+  VTW_ASSIGN_OR_RETURN(PromptLayout layout,
+                       BuildPromptLayout(bundle, prompt, raw, has_image, max_new_tokens));
   PreparedPrompt prepared;
   prepared.layout = std::move(layout);
   if (has_image) {

@@ -36,6 +36,12 @@ struct PreparedPrompt {
   int64_t image_width = 0, image_height = 0;
 };
 
+// The prompt's token layout: `prompt` wrapped in the chat template (unless `raw`), tokenized, its
+// <image> placeholder expanded. InvalidArgument: empty prompt, <image> in a templated prompt,
+// wrong number of placeholders for `has_image`, prompt + max_new_tokens over the context length.
+StatusOr<PromptLayout> BuildPromptLayout(const ModelBundle& bundle, const std::string& prompt,
+                                         bool raw, bool has_image, int max_new_tokens);
+
 // Builds the prompt: `prompt` is wrapped in the chat template unless `raw` (then it must carry
 // its own <image> placeholder when there is an image). Errors (InvalidArgument): empty prompt,
 // wrong number of <image> placeholders, undecodable or oversized image, prompt over the context
