@@ -1,0 +1,135 @@
+// The project's trainer: trains a LLaVA-architecture model on the synthetic shapes VQA task
+// (tools/shapes_dataset.h) with the runtime's own forward code (LlavaModel::EncodeImages and
+// LlavaModel::Forward on weights that require grad, LibTorch autograd), so the trained weights
+// are exactly what the runtime computes with. Writes an HF LlavaForConditionalGeneration
+// directory. Optional VTW-aware training withdraws image tokens at a random layer for a
+// fraction of the training sequences. Single process; uses LibTorch's intra-op threads and a
+// few worker threads for data generation at start-up. Not thread-safe (one run at a time).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "model/llava_config.h"
+#include "model/llava_model.h"
+#include "model/status.h"
+#include "model/tokenizer.h"
+#include "tools/shapes_dataset.h"
+
+namespace vtw::tools {
+
+// Model geometry; 0 fields take the preset's value.
+struct Geometry {
+  int image_size = 0, patch_size = 0;
+  int vision_hidden = 0, vision_intermediate = 0, vision_layers = 0, vision_heads = 0;
+  int vision_feature_layer = 0;  // 0: preset (-2)
+  int text_hidden = 0, text_intermediate = 0, text_layers = 0, text_heads = 0, text_kv_heads = 0;
+  int max_positions = 0;
+};
+
+struct TrainOptions {
+  std::string out_dir;        // the HF model directory to write
+  std::string tokenizer_dir;  // existing tokenizer files; empty: train one into out_dir
+  int tokenizer_vocab = 512;
+  std::string preset = "shipped";  // "tiny" (tests) | "shipped"
+  Geometry geometry;
+  // Data (generated in memory with the dataset library: split "train" / "val", data_seed).
+  int64_t train_count = 60000;
+  int64_t val_count = 600;
+  int questions_per_image = 3;
+  uint64_t data_seed = 1;
+  // Optimisation.
+  int steps = 1000;
+  int batch_size = 48;       // sequences per step
+  double lr = 1e-3;
+  double min_lr_ratio = 0.05;  // the cosine decays to lr * min_lr_ratio
+  int warmup = 100;          // linear warm-up steps
+  double weight_decay = 0.05;  // AdamW, matrices only (not norms, biases, embeddings)
+  double beta1 = 0.9, beta2 = 0.98;
+  double clip_norm = 1.0;
+  double init_std = 0.02;
+  uint64_t seed = 0;         // weights init and batch sampling
+  int threads = 2;
+  // VTW-aware training: this fraction of training sequences withdraw their image rows before a
+  // layer drawn uniformly from [vtw_train_min_layer, layers - 1].
+  double vtw_train_fraction = 0.0;
+  int vtw_train_min_layer = 1;
+  // Auxiliary patch-label loss (training only): a linear head on the projected image tokens
+  // predicts, for every patch, the colour and the kind of the shape covering it (or
+  // background); its cross-entropy, times this weight, is added to the answer loss. The head
+  // is discarded after training (not part of the model).
+  double aux_patch_loss = 0.0;
+  // Monitoring and checkpoints.
+  int eval_every = 200;      // validation every N steps (0: only at the end)
+  int val_vtw_layer = -1;    // also validate with withdrawal at this K (-1: no)
+  std::string checkpoint_dir;
+  int checkpoint_every = 200;  // steps (0: only at the end when checkpoint_dir is set)
+  bool resume = false;
+  int stop_after = 0;        // > 0: stop (with a checkpoint) after this many steps in total
+  std::string save_dtype = "fp32";
+  bool final_eval_all_k = true;  // validation accuracy at every K at the end
+};
+
+// One validation result.
+struct EvalResult {
+  int64_t count = 0;
+  double first_token_accuracy = 0;  // greedy first answer token correct
+  double exact_accuracy = 0;        // every answer token and the EOS after it greedy-correct
+  double loss = 0;                  // mean cross-entropy over answer tokens + EOS
+  std::map<std::string, double> exact_by_type;
+  std::map<std::string, int64_t> count_by_type;
+};
+
+struct TrainResult {
+  int start_step = 0;            // > 0 when resumed
+  int end_step = 0;
+  std::vector<double> losses;    // training loss of each step run (start_step .. end_step - 1)
+  EvalResult final_val;          // VTW off
+  std::map<int, EvalResult> final_val_by_k;
+  double seconds = 0;
+};
+
+// The model configuration for a preset with overrides; vocab from the tokenizer.
+StatusOr<LlavaConfig> MakeTrainConfig(const std::string& preset, const Geometry& overrides,
+                                      int sp_vocab_size);
+
+// One tokenized QA example over an image held in a dataset.
+struct TrainExample {
+  int32_t image = 0;                  // index into EncodedSplit::pixels
+  std::vector<int64_t> prompt_ids;    // expanded layout ids (image rows carry the image id)
+  std::vector<TokenKind> kinds;
+  std::vector<int64_t> target_ids;    // answer tokens then EOS
+  int type = 0;                       // index into kQuestionTypes
+};
+
+// A split held in memory: preprocessed images (as uint8 values that reproduce
+// PreprocessImage's float output exactly) and tokenized examples.
+struct EncodedSplit {
+  at::Tensor pixels_u8;  // [N, 3, S, S] uint8
+  at::Tensor patch_color;  // [N, P] int64: 0 background, 1 + ShapeColor of the covering shape
+  at::Tensor patch_kind;   // [N, P] int64: 0 background, 1 + ShapeKind
+  std::vector<TrainExample> examples;
+  // float pixel values of images `idx` exactly as PreprocessImage gives them: [n, 3, S, S].
+  at::Tensor Pixels(const std::vector<int64_t>& idx) const;
+  std::vector<float> lut;  // [3 * 256] float value per channel and byte
+};
+
+// Generates `split` (count examples, questions_per_image, seed) like `vtw dataset` does
+// (same scenes, questions and encoded image bytes), decodes and preprocesses every image as
+// the runtime does, tokenizes. Uses `threads` worker threads for rendering.
+StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint64_t seed,
+                                  int questions_per_image, const Tokenizer& tokenizer,
+                                  const LlavaConfig& config, int threads, std::ostream* log);
+
+// Accuracy of `model` on `data` with withdrawal at `withdraw_layer` (>= layers: off), teacher
+// forced: exact = greedy decoding would emit exactly the answer tokens then EOS.
+EvalResult Evaluate(const LlavaModel& model, const EncodedSplit& data, int withdraw_layer,
+                    int batch_size = 64);
+
+// Runs training. Progress (a bar on a terminal, lines otherwise) goes to `log`.
+StatusOr<TrainResult> RunTraining(const TrainOptions& options, std::ostream* log);
+
+}  // namespace vtw::tools
