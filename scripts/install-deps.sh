@@ -11,8 +11,11 @@ PACKAGES=(
   libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece
   nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
   prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml
-  kubernetes-client yamllint
+  yamllint
 )
+# kubectl (for `kubectl kustomize` in the deployment checks): Debian's kubernetes-client, unless
+# some kubectl is already installed (another package owning /usr/bin/kubectl would conflict).
+command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
