@@ -163,15 +163,27 @@ TEST_F(TrainerTest, FewStepsLowerTheLossAndTheDirectoryLoads) {
   ASSERT_TRUE(split.ok()) << split.status().ToString();
   EvalResult eval = Evaluate(**model, *split, (*model)->num_layers());
   EXPECT_EQ(eval.count, 12);
+  // Patch labels for the auxiliary loss: some patches are covered by shapes, and a patch has a
+  // colour exactly when it has a kind.
+  ASSERT_EQ(split->patch_color.size(1), (*model)->config().num_image_tokens());
+  EXPECT_GT(split->patch_color.gt(0).sum().item<int64_t>(), 0);
+  EXPECT_TRUE(split->patch_color.gt(0).equal(split->patch_kind.gt(0)));
+  EXPECT_LE(split->patch_color.max().item<int64_t>(), 6);
+  EXPECT_LE(split->patch_kind.max().item<int64_t>(), 3);
 }
 
 TEST_F(TrainerTest, ResumeContinuesWithIdenticalLosses) {
+  // With VTW-aware sampling and the auxiliary head, whose state must be checkpointed too.
   TrainOptions full = TinyOptions("full");
+  full.vtw_train_fraction = 0.5;
+  full.aux_patch_loss = 0.5;
   auto a = RunTraining(full, nullptr);
   ASSERT_TRUE(a.ok()) << a.status().ToString();
   ASSERT_EQ(a->losses.size(), 8u);
 
   TrainOptions first = TinyOptions("part");
+  first.vtw_train_fraction = 0.5;
+  first.aux_patch_loss = 0.5;
   first.checkpoint_dir = (*root_ / "ckpt").string();
   first.checkpoint_every = 0;
   first.stop_after = 4;
