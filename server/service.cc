@@ -93,8 +93,12 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
         m.set_request_id(id_);
         InferenceServiceImpl::FillFinal(s, &m);
         queue_.push_back(std::move(m));
+      } else if (writing_) {
+        // An error ends the stream without further messages; the one in flight (the front)
+        // must live until OnWriteDone.
+        queue_.erase(queue_.begin() + 1, queue_.end());
       } else {
-        queue_.clear();  // an error ends the stream without further messages
+        queue_.clear();
       }
       if (!writing_) {
         if (queue_.empty()) {
