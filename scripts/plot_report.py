@@ -424,23 +424,38 @@ def main():
     share = study["mean_image_tokens"] / (study["mean_image_tokens"] + study["mean_text_tokens"])
     ratio_late = [l["image_per_token"] / l["text_per_token"] for l in layers[half:] if l["text_per_token"] > 0]
     bos_late = sum(l["bos"] for l in layers[half:]) / max(1, len(layers) - half)
-    sink = img_late < share and ratio_late and max(ratio_late) < 1.0
+    ratio_early = [l["image_per_token"] / l["text_per_token"] for l in layers[:half] if l["text_per_token"] > 0]
+    bos_early = sum(l["bos"] for l in layers[:half]) / half
+    below_share = img_late < share and ratio_late and max(ratio_late) < 1.0
+    declines = img_late < 0.8 * img_early
     uses_image = acc_off - r0["accuracy"] >= 0.05
     caveat = ("" if uses_image else
               " Caveat: the full model barely uses the image (%s%% vs %s%% with the image withdrawn "
               "before layer 0), so this says little about VTW." % (pct(acc_off), pct(r0["accuracy"])))
+
+    def ratios(rs):
+        if not rs:
+            return "?"
+        return "%.2fx" % rs[0] if len(rs) == 1 else "%.2f-%.2fx" % (min(rs), max(rs))
+
+    if below_share and declines:
+        verdict = ("This matches the paper's observation: deep layers attend little to the visual "
+                   "tokens.")
+    elif below_share:
+        verdict = ("Image tokens get less attention per token than text tokens, but in every layer "
+                   "alike: there is no clear drop with depth, so this model does **not** show the "
+                   "paper's deep-layer attention sink.")
+    else:
+        verdict = ("This does **not** show the paper's pattern (image tokens still draw at least "
+                   "their share of attention in deep layers).")
     w("- **Attention sink**: image tokens are %.0f%% of the prompt. The last prompt token gives them "
-      "%.1f%% of its attention on average in %s and %.1f%% in %s; in %s an image token gets "
-      "%s the attention of a text token, and BOS gets %.1f%%. %s%s"
+      "%.1f%% of its attention on average in %s and %.1f%% in %s; per token, an image token gets "
+      "%s the attention of a text token in %s and %s in %s. BOS gets %.1f%% and %.1f%% (in LLaVA "
+      "the first tokens absorb most attention in deep layers). %s%s"
       % (100 * share, 100 * img_early, lrange(0, half - 1), 100 * img_late,
-         lrange(half, len(layers) - 1), lrange(half, len(layers) - 1),
-         ("?" if not ratio_late else "%.2fx" % ratio_late[0] if len(ratio_late) == 1 else
-          "%.2f-%.2fx" % (min(ratio_late), max(ratio_late))),
-         100 * bos_late,
-         "This matches the paper's observation (deep layers attend little to visual tokens)."
-         if sink else
-         "This does **not** show the paper's pattern clearly (image tokens still draw at least "
-         "their share of attention in deep layers).", caveat))
+         lrange(half, len(layers) - 1), ratios(ratio_early), lrange(0, half - 1),
+         ratios(ratio_late), lrange(half, len(layers) - 1), 100 * bos_early, 100 * bos_late,
+         verdict, caveat))
     kk = k003 if 1 <= k003 <= L - 1 else max(1, L // 2)
     wk, bk = res[kk]["accuracy"], bres[kk]["accuracy"]
     if not uses_image:
@@ -457,6 +472,10 @@ def main():
     else:
         verdict = ("Partly as in the paper: blocking the first %d layers hurts, withdrawal at "
                    "%d hurts less." % (kk, kk))
+    if vat.get("fraction", 0) > 0 and uses_image:
+        verdict += (" Keep in mind that this model was trained with withdrawal at random layers "
+                    "%s-%s, which rewards moving visual information into the text tokens early."
+                    % (vat.get("min_layer"), vat.get("max_layer")))
     w("- **Information migration** at K = %d%s: withdrawing the image tokens from layer %d on "
       "gives %s%% accuracy, while keeping them but blocking the text's attention to them in layers "
       "< %d gives %s%% (full model %s%%, blank image %s%%, K = 0 %s%%). %s"
@@ -483,8 +502,8 @@ def main():
     w("")
     w("Bold: the K calibrated at eta = 0.003. 'mean KL (test)': KL(p_vtw || p_full) of the first "
       "answer token over all test questions; 'mean KL (calib.)': the calibration's mean over its "
-      "samples (the number the rule uses). Time: single-sequence greedy generation on this CPU, "
-      "image encoding excluded (%.1f s for %d images)." % (ev["encode_seconds"], ev["num_images"]))
+      "samples (the number the rule uses). Time: single-sequence greedy generation on this CPU "
+      "(depends on the machine's load), image encoding excluded (%.1f s for %d images)." % (ev["encode_seconds"], ev["num_images"]))
     w("")
     w("![KL vs K](%s/kl_vs_k.svg)" % rel)
     w("")
@@ -577,8 +596,10 @@ def main():
     w("## Reproduce")
     w("")
     w("```")
-    w("cmake --build build --target vtw && scripts/vtw-report.sh %s%s"
-      % (meta["model"], "" if meta.get("binary") == "build/vtw" else " --bin " + meta.get("binary", "")))
+    binary = meta.get("binary", "build/vtw")
+    w("cmake --build %s --target vtw && scripts/vtw-report.sh %s%s"
+      % (os.path.dirname(binary) or ".", meta["model"],
+         "" if binary == "build/vtw" else " --bin " + binary))
     w("```")
     w("")
     w("Commands run (times in seconds on this machine):")
