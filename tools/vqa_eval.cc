@@ -168,25 +168,7 @@ std::string NormalizeAnswer(const std::string& text) {
 
 StatusOr<PromptLayout> QuestionLayout(const ModelBundle& bundle, const std::string& question,
                                       bool has_image, int max_new_tokens) {
-  if (question.empty()) return InvalidArgument("the question is empty");
-  if (CountOccurrences(question, "<image>") > 0) {
-    return InvalidArgument("the question contains <image>: the image is placed by the chat "
-                           "template; give the question only");
-  }
-  const LlavaConfig& config = bundle.model->config();
-  const std::string text = ApplyLlavaChatTemplate(question, has_image);
-  std::vector<int32_t> ids = bundle.tokenizer->Encode(text, bundle.tokenizer->add_bos_token());
-  const int64_t max_len = config.text.max_position_embeddings;
-  VTW_ASSIGN_OR_RETURN(PromptLayout layout,
-                       ExpandPrompt(ids, config.image_token_index, has_image ? 1 : 0,
-                                    config.num_image_tokens(), max_len));
-  if (layout.size() + max_new_tokens > max_len) {
-    return InvalidArgument("the prompt is " + std::to_string(layout.size()) +
-                           " tokens and max_new_tokens is " + std::to_string(max_new_tokens) +
-                           ": together over the model's context length of " +
-                           std::to_string(max_len));
-  }
-  return layout;
+  return BuildPromptLayout(bundle, question, /*raw=*/false, has_image, max_new_tokens);
 }
 
 StatusOr<at::Tensor> ImageFeatureCache::Get(const std::string& path, bool blank) {
