@@ -33,6 +33,21 @@ struct ForwardBatch {
   at::Tensor image_embeds;         // [num image rows, Ht], in the order of the image rows
 
   int64_t num_tokens() const { return static_cast<int64_t>(token_ids.size()); }
+
+  // Appends positions [begin, end) of a sequence whose tokens and kinds are `ids` and `row_kinds`
+  // (position id = index in the full sequence). Returns how many of the rows are image rows.
+  // The caller adds the SequenceChunk and the image rows' embeddings.
+  int64_t AppendRows(const std::vector<int64_t>& ids, const std::vector<TokenKind>& row_kinds,
+                     int64_t begin, int64_t end) {
+    int64_t image_rows = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      token_ids.push_back(ids[p]);
+      positions.push_back(p);
+      kinds.push_back(row_kinds[p]);
+      image_rows += row_kinds[p] == TokenKind::kImage;
+    }
+    return image_rows;
+  }
 };
 
 // What Forward can record besides logits (tests, calibration, the attention-sink study).

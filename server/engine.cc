@@ -342,13 +342,7 @@ void Engine::Step(std::vector<std::unique_ptr<Request>>& admitted) {
     if (n == 0) continue;
     Request& r = *running_[i];
     const int64_t begin = r.num_computed, end = begin + n;
-    int64_t image_rows = 0;
-    for (int64_t p = begin; p < end; ++p) {
-      batch.token_ids.push_back(r.token_ids[p]);
-      batch.positions.push_back(p);
-      batch.kinds.push_back(r.kinds[p]);
-      image_rows += r.kinds[p] == TokenKind::kImage;
-    }
+    const int64_t image_rows = batch.AppendRows(r.token_ids, r.kinds, begin, end);
     if (image_rows > 0) {
       images.push_back(r.image_features.narrow(0, r.image_rows_fed, image_rows));
       r.image_rows_fed += image_rows;

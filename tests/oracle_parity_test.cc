@@ -48,9 +48,7 @@ TEST(OracleParity, DecoderHiddenStatesAndAllLogits) {
     PromptLayout layout = OracleLayout(c);
     ASSERT_EQ(layout.token_ids, c["input_ids"].get<std::vector<int64_t>>());
     ForwardBatch batch;
-    batch.token_ids = layout.token_ids;
-    batch.kinds = layout.kinds;
-    for (int64_t i = 0; i < layout.size(); ++i) batch.positions.push_back(i);
+    batch.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
     batch.image_embeds = CaseFeatures(c);
     batch.seqs.push_back({nullptr, static_cast<int>(layout.size()), 1 << 30, true});
     ForwardTrace trace;

@@ -71,13 +71,8 @@ TEST(RaggedBatch, AllCasesTogetherMatchAlone) {
       if (step < s.start_step || static_cast<int>(s.ids.size()) >= kSteps) continue;
       if (s.done < s.layout.size()) {  // prefill chunk
         const int64_t end = std::min(s.layout.size(), s.done + s.chunk);
-        int64_t image_rows = 0;
-        for (int64_t p = s.done; p < end; ++p) {
-          batch.token_ids.push_back(s.layout.token_ids[p]);
-          batch.positions.push_back(p);
-          batch.kinds.push_back(s.layout.kinds[p]);
-          image_rows += s.layout.kinds[p] == TokenKind::kImage;
-        }
+        const int64_t image_rows =
+            batch.AppendRows(s.layout.token_ids, s.layout.kinds, s.done, end);
         if (image_rows) images.push_back(s.features.narrow(0, s.image_done, image_rows));
         s.image_done += image_rows;
         batch.seqs.push_back({s.cache.get(), static_cast<int>(end - s.done), s.k,
@@ -156,9 +151,7 @@ TEST(RaggedBatch, GeneratedImageTokenIdIsOrdinaryText) {
   PromptLayout layout = OracleLayout(c);
   KvCache cache = OracleModel().NewKvCache();
   ForwardBatch prefill;
-  prefill.token_ids = layout.token_ids;
-  prefill.kinds = layout.kinds;
-  for (int64_t p = 0; p < layout.size(); ++p) prefill.positions.push_back(p);
+  prefill.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
   prefill.image_embeds = Features(c);
   prefill.seqs.push_back({&cache, static_cast<int>(layout.size()), 1, true});
   OracleModel().Forward(prefill);

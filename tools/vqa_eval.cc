@@ -761,9 +761,7 @@ StatusOr<AttentionStudy> StudyAttention(const ModelBundle& bundle,
     const PromptLayout& layout = *layout_or;
     VTW_ASSIGN_OR_RETURN(at::Tensor features, cache.Get(e.image));
     ForwardBatch b;
-    b.token_ids = layout.token_ids;
-    b.kinds = layout.kinds;
-    for (int64_t p = 0; p < layout.size(); ++p) b.positions.push_back(p);
+    b.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
     b.image_embeds = features;
     b.seqs.push_back({nullptr, static_cast<int>(layout.size()), 1 << 30, true});
     ForwardTrace trace;

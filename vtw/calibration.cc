@@ -13,10 +13,7 @@ double KlDivergence(const at::Tensor& logits_p, const at::Tensor& logits_q) {
 at::Tensor PrefillLastLogits(const LlavaModel& model, const PromptLayout& layout,
                              const at::Tensor& image_features, int withdraw_layer) {
   ForwardBatch batch;
-  batch.token_ids = layout.token_ids;
-  batch.kinds = layout.kinds;
-  batch.positions.resize(layout.size());
-  for (int64_t i = 0; i < layout.size(); ++i) batch.positions[i] = i;
+  batch.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
   if (layout.num_image_tokens > 0) batch.image_embeds = image_features;
   batch.seqs.push_back({nullptr, static_cast<int>(layout.size()), withdraw_layer, true});
   return model.Forward(batch).logits[0];

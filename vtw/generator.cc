@@ -61,13 +61,7 @@ StatusOr<GenerateResult> GenerateOne(const LlavaModel& model, const Tokenizer* t
   for (int64_t begin = 0; begin < layout.size(); begin += chunk) {
     const int64_t end = std::min(layout.size(), begin + chunk);
     ForwardBatch batch;
-    int64_t image_rows = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      batch.token_ids.push_back(layout.token_ids[i]);
-      batch.positions.push_back(i);
-      batch.kinds.push_back(layout.kinds[i]);
-      image_rows += layout.kinds[i] == TokenKind::kImage;
-    }
+    const int64_t image_rows = batch.AppendRows(layout.token_ids, layout.kinds, begin, end);
     if (image_rows > 0) {
       batch.image_embeds = image_features.narrow(0, image_rows_done, image_rows);
       image_rows_done += image_rows;
