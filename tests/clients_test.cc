@@ -57,11 +57,7 @@ bool Contains(const std::string& haystack, const std::string& needle) {
 class TempDirTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("vtw_clients_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
+    dir_ = testing::FreshTestDir("vtw_clients");
   }
   void TearDown() override { fs::remove_all(dir_); }
 

@@ -47,11 +47,7 @@ const ModelBundle& Bundle() {
 class EvalCalibrateTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("vtw_evalcal_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
+    dir_ = testing::FreshTestDir("vtw_evalcal");
   }
   void TearDown() override { fs::remove_all(dir_); }
 
@@ -80,12 +76,7 @@ class EvalCalibrateTest : public ::testing::Test {
 
   // A writable copy of the oracle model (never write into tests/data).
   std::string CopyModel() {
-    fs::path m = dir_ / "model";
-    fs::copy(OracleModelDir(), m, fs::copy_options::recursive);
-    for (auto& e : fs::directory_iterator(m)) {
-      fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
-    }
-    return m.string();
+    return testing::CopyOracleModel(dir_ / "model");
   }
 
   testing::ProcessResult Vtw(const std::vector<std::string>& args) {

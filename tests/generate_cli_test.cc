@@ -23,22 +23,13 @@ using testing::VtwBinary;
 class GenerateCliTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("vtw_cli_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
+    dir_ = testing::FreshTestDir("vtw_cli");
   }
   void TearDown() override { fs::remove_all(dir_); }
 
   // A writable copy of the oracle model.
   std::string CopyModel() {
-    fs::path m = dir_ / "model";
-    fs::copy(OracleModelDir(), m, fs::copy_options::recursive);
-    for (auto& e : fs::directory_iterator(m)) {
-      fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
-    }
-    return m.string();
+    return testing::CopyOracleModel(dir_ / "model");
   }
 
   std::string WriteFile(const std::string& name, const std::string& bytes) {

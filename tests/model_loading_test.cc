@@ -124,10 +124,7 @@ void WriteCheckpoint(const fs::path& dir, const std::function<std::string(const 
 class CheckpointTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("vtw_ckpt_" + std::to_string(getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
+    dir_ = testing::FreshTestDir("vtw_ckpt");
   }
   void TearDown() override { fs::remove_all(dir_); }
 

@@ -120,19 +120,15 @@ TEST(ServerOps, MissingOrCorruptModelFailsFastWithAClearMessage) {
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.err.find("does not exist"), std::string::npos) << missing.err;
 
-  fs::path dir = fs::path(::testing::TempDir()) / ("vtw_corrupt_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::copy(testing::OracleModelDir(), dir, fs::copy_options::recursive);
-  for (auto& e : fs::directory_iterator(dir)) {
-    fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
-  }
+  const fs::path dir = testing::FreshTestDir("vtw_corrupt") / "model";
+  testing::CopyOracleModel(dir);
   fs::resize_file(dir / "model.safetensors", 1000);
   auto corrupt = testing::RunProcess({bin, "--model", dir.string(), "--listen", "127.0.0.1:0",
                                       "--metrics-listen", "127.0.0.1:0"});
   EXPECT_EQ(corrupt.exit_code, 1);
   EXPECT_NE(corrupt.err.find("model.safetensors"), std::string::npos) << corrupt.err;
   EXPECT_EQ(corrupt.err.find("serving"), std::string::npos) << "never reports serving";
-  fs::remove_all(dir);
+  fs::remove_all(dir.parent_path());
 }
 
 // Runs Prometheus (Debian's package) scraping the server every second.

@@ -3,7 +3,10 @@
 #include <fstream>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include <ATen/ATen.h>
+#include <gtest/gtest.h>
 
 #include "tests/util/npy.h"
 
@@ -65,6 +68,25 @@ size_t StepsToCompare(const nlohmann::json& margins, double threshold) {
     if (margins[i].get<double>() < threshold) return i + 1;
   }
   return margins.size();
+}
+
+std::filesystem::path FreshTestDir(const std::string& prefix) {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::path(::testing::TempDir()) /
+                 (prefix + "_" + std::to_string(::getpid()) + "_" +
+                  ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+std::string CopyOracleModel(const std::filesystem::path& dest) {
+  namespace fs = std::filesystem;
+  fs::copy(OracleModelDir(), dest, fs::copy_options::recursive);
+  for (auto& e : fs::directory_iterator(dest)) {
+    fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
+  }
+  return dest.string();
 }
 
 double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {

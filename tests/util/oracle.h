@@ -2,6 +2,7 @@
 // the per-case fixtures (cases.json, vtw.json, kl_calibration.json) and their .npy arrays.
 #pragma once
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,12 @@ PromptLayout OracleLayout(const nlohmann::json& c);
 // Greedy ids compare: the number of leading steps that must match exactly (up to and including
 // the first step whose recorded top1-top2 margin is below `threshold`).
 size_t StepsToCompare(const nlohmann::json& margins, double threshold);
+
+// A fresh, empty directory for the running test: TempDir()/PREFIX_PID_TESTNAME.
+std::filesystem::path FreshTestDir(const std::string& prefix);
+
+// Copies the oracle model directory to `dest`, writable (tests never write into tests/data).
+std::string CopyOracleModel(const std::filesystem::path& dest);
 
 // Max |a - b|.
 double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b);
