@@ -27,7 +27,7 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                          .Help("Finished requests by gRPC status code")
                          .Register(r);
   for (const char* code : {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
-                           "CANCELLED", "UNAVAILABLE", "INTERNAL"}) {
+                           "CANCELLED", "UNAVAILABLE", "INTERNAL", "UNAUTHENTICATED"}) {
     requests_total_->Add({{"code", code}});  // pre-created at 0
   }
   request_duration = histogram("vtw_request_duration_seconds",

@@ -22,6 +22,7 @@
 #include "server/log_format.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "server/security.h"
 #include "server/service.h"
 
 namespace {
@@ -47,6 +48,10 @@ struct ServerFlags {
   int64_t max_message_bytes = 16 << 20;
   int64_t max_prompt_bytes = 16384;
   int max_connection_age = 300;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  std::string auth_token_file;
 };
 
 void AddFlags(CLI::App& app, ServerFlags& f) {
@@ -80,6 +85,14 @@ void AddFlags(CLI::App& app, ServerFlags& f) {
   opt("--max-prompt-bytes", f.max_prompt_bytes, "VTW_MAX_PROMPT_BYTES", "Largest prompt text");
   opt("--max-connection-age", f.max_connection_age, "VTW_MAX_CONNECTION_AGE",
       "Seconds before a client connection is asked to reconnect (spreads load after scale-up)");
+  opt("--tls-cert", f.tls_cert, "VTW_TLS_CERT",
+      "PEM certificate chain: serve gRPC over TLS (with --tls-key)");
+  opt("--tls-key", f.tls_key, "VTW_TLS_KEY", "PEM private key of --tls-cert");
+  opt("--tls-client-ca", f.tls_client_ca, "VTW_TLS_CLIENT_CA",
+      "PEM CA: clients must present a certificate it signed (mTLS; needs --tls-cert)");
+  opt("--auth-token-file", f.auth_token_file, "VTW_AUTH_TOKEN_FILE",
+      "File with a bearer token every vtw.v1 call must send as 'authorization: Bearer <token>' "
+      "(health and reflection stay open)");
 }
 
 }  // namespace
@@ -111,6 +124,22 @@ int main(int argc, char** argv) {
   if (f.default_max_new_tokens > f.max_new_tokens_limit) {
     std::fprintf(stderr, "error: --default-max-new-tokens exceeds --max-new-tokens-limit\n");
     return 2;
+  }
+  // Credentials and the token are read now: a missing or bad file stops the server before it
+  // listens or loads anything.
+  auto credentials = vtw::BuildServerCredentials({f.tls_cert, f.tls_key, f.tls_client_ca});
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "error: %s\n", credentials.status().message().c_str());
+    return 2;
+  }
+  std::string auth_token;
+  if (!f.auth_token_file.empty()) {
+    auto token = vtw::ReadTokenFile("--auth-token-file", f.auth_token_file);
+    if (!token.ok()) {
+      std::fprintf(stderr, "error: %s\n", token.status().message().c_str());
+      return 2;
+    }
+    auth_token = std::move(token).value();
   }
 
   vtw::ConfigureLogging(f.log_format, f.log_level);
@@ -151,12 +180,13 @@ int main(int argc, char** argv) {
   limits.image.max_pixels = f.max_image_pixels;
   limits.image.max_bytes = static_cast<size_t>(f.max_message_bytes);
   vtw::InferenceServiceImpl service(limits, &metrics);
+  if (!auth_token.empty()) service.RequireBearerToken(auth_token);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int bound_port = 0;
-  builder.AddListeningPort(f.listen, grpc::InsecureServerCredentials(), &bound_port);
+  builder.AddListeningPort(f.listen, *credentials, &bound_port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(f.max_message_bytes));
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, f.max_connection_age * 1000);
@@ -172,8 +202,11 @@ int main(int argc, char** argv) {
     health->SetServingStatus("vtw.v1.InferenceService", serving);
   };
   set_health(false);
-  spdlog::info("gRPC listening on {} (port {}); loading model {} ({})", f.listen, bound_port,
-               f.model, f.dtype);
+  spdlog::info("gRPC listening on {} (port {}, {}{}); loading model {} ({})", f.listen, bound_port,
+               f.tls_cert.empty() ? "plaintext"
+               : f.tls_client_ca.empty() ? "TLS"
+                                         : "mTLS: client certificates required",
+               auth_token.empty() ? "" : ", bearer token required", f.model, f.dtype);
 
   const auto load_start = std::chrono::steady_clock::now();
   auto bundle = vtw::ModelBundle::Load(f.model, *dtype);

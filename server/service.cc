@@ -33,6 +33,10 @@ class UnaryCall final : public grpc::ServerUnaryReactor, public RequestSink {
 
   void Start(InferenceServiceImpl* service, grpc::CallbackServerContext* context,
              const v1::GenerateRequest& wire) {
+    if (grpc::Status auth = service->Authenticate(context, /*count=*/true); !auth.ok()) {
+      Finish(auth);
+      return;
+    }
     Status st = service->Accept(context, wire, std::shared_ptr<RequestSink>(this, [](auto*) {}),
                                 cancel_, &id_);
     if (!st.ok()) Finish(ToGrpcStatus(st));
@@ -68,6 +72,10 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
  public:
   void Start(InferenceServiceImpl* service, grpc::CallbackServerContext* context,
              const v1::GenerateRequest& wire) {
+    if (grpc::Status auth = service->Authenticate(context, /*count=*/true); !auth.ok()) {
+      Finish(auth);
+      return;
+    }
     Status st = service->Accept(context, wire, std::shared_ptr<RequestSink>(this, [](auto*) {}),
                                 cancel_, &id_);
     if (!st.ok()) Finish(ToGrpcStatus(st));
@@ -185,6 +193,19 @@ void InferenceServiceImpl::ClearEngine() {
   engine_ = nullptr;
 }
 
+void InferenceServiceImpl::RequireBearerToken(const std::string& token) {
+  auth_ = std::make_unique<const BearerTokenAuth>(token);
+}
+
+grpc::Status InferenceServiceImpl::Authenticate(const grpc::CallbackServerContext* context,
+                                                bool count) {
+  if (!auth_ || auth_->Check(*context)) return grpc::Status::OK;
+  if (count && metrics_) metrics_->CountRequest("UNAUTHENTICATED");
+  spdlog::info("access id=- status=UNAUTHENTICATED peer={} error=\"{}\"", context->peer(),
+               kUnauthenticatedMessage);
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, kUnauthenticatedMessage);
+}
+
 template <typename Message>
 void InferenceServiceImpl::FillFinal(const RequestSummary& s, Message* m) {
   m->set_finish_reason(ToWire(s.finish_reason));
@@ -261,6 +282,10 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::GetModelInfo(grpc::CallbackServe
                                                              const v1::GetModelInfoRequest*,
                                                              v1::ModelInfo* info) {
   auto* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authenticate(context, /*count=*/false); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
   const ModelBundle* bundle;
   {
     std::lock_guard<std::mutex> lock(mu_);

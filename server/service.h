@@ -1,16 +1,22 @@
 // InferenceService: the gRPC callback service (vtw.v1.InferenceService). Each call gets one
 // reactor object that owns its state; reactors validate and enqueue on the gRPC thread and write
 // what the engine reports; they never run inference and never block on it. Until SetEngine is
-// called (model loading) and after the engine is gone, calls get UNAVAILABLE.
+// called (model loading) and after the engine is gone, calls get UNAVAILABLE. With a bearer
+// token (RequireBearerToken) every call of the service must carry it, or gets UNAUTHENTICATED
+// before anything else is looked at; grpc.health.v1 and reflection are other services and stay
+// open.
 #pragma once
 
 #include <atomic>
+#include <memory>
 #include <mutex>
+#include <string>
 
 #include <grpcpp/grpcpp.h>
 
 #include "server/engine.h"
 #include "server/metrics.h"
+#include "server/security.h"
 #include "server/validation.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
@@ -25,6 +31,13 @@ class InferenceServiceImpl final : public v1::InferenceService::CallbackService 
   void SetEngine(const ModelBundle* bundle, Engine* engine);
   // Calls from now on get UNAVAILABLE (used at shutdown before the engine is destroyed).
   void ClearEngine();
+  // Every call must carry `authorization: Bearer <token>`. Call before the server starts.
+  void RequireBearerToken(const std::string& token);
+
+  // OK when no token is required or the call carries it; otherwise UNAUTHENTICATED with
+  // kUnauthenticatedMessage, logged, and counted in vtw_requests_total when `count` (the
+  // generation calls, which that counter is about).
+  grpc::Status Authenticate(const grpc::CallbackServerContext* context, bool count);
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
                                      const v1::GenerateRequest* request,
@@ -48,6 +61,7 @@ class InferenceServiceImpl final : public v1::InferenceService::CallbackService 
  private:
   ServiceLimits limits_;
   ServerMetrics* metrics_;
+  std::unique_ptr<const BearerTokenAuth> auth_;  // set before the server starts, then read-only
   std::mutex mu_;
   const ModelBundle* bundle_ = nullptr;  // guarded by mu_
   Engine* engine_ = nullptr;             // guarded by mu_
