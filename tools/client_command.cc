@@ -1,9 +1,13 @@
 // `vtw client`: one call to a running vtw-server (vtw.v1.InferenceService, or
 // grpc.health.v1.Health with --health) over a synchronous gRPC channel, printed for a person or
 // as JSON. Owns only the client side of the contract in proto/vtw/v1/inference.proto.
+// TLS (--tls-ca, mTLS with --tls-cert/--tls-key) and a bearer token (--auth-token-file or
+// $VTW_AUTH_TOKEN, sent as `authorization: Bearer <token>` on vtw.v1 calls) for secured servers.
 // Exit status: 0 on success, 1 when the RPC fails ("error: <CODE_NAME>: <message>" on stderr),
-// 2 when the command line is wrong (checked before anything is sent). Registration is not
+// 2 when the command line is wrong (checked before anything is sent, the TLS and token files
+// included). Registration is not
 // thread-safe (call from main).
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -18,6 +22,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
+#include "server/security.h"
 #include "tools/commands.h"
 #include "tools/health_check.h"
 #include "tools/tool_common.h"
@@ -50,6 +55,19 @@ struct ClientFlags {
   bool json = false;
   bool info = false;
   bool health = false;
+  std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_server_name;
+  std::string auth_token_file;
+};
+
+// Sent with every vtw.v1 call when not empty.
+struct CallAuth {
+  std::string token;
+  void Apply(grpc::ClientContext* context) const {
+    if (!token.empty()) context->AddMetadata("authorization", "Bearer " + token);
+  }
 };
 
 // Thrown to end the command; caught in the callback once every gRPC object is destroyed.
@@ -191,9 +209,11 @@ void PrintSummary(const vtw::v1::GenerateResponse& r) {
                r.timing().total_seconds());
 }
 
-void RunInfo(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f, double timeout) {
+void RunInfo(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f, const CallAuth& auth,
+             double timeout) {
   grpc::ClientContext context;
   SetDeadline(&context, timeout);
+  auth.Apply(&context);
   vtw::v1::ModelInfo info;
   grpc::Status status = stub.GetModelInfo(&context, vtw::v1::GetModelInfoRequest(), &info);
   if (!status.ok()) RpcError(status);
@@ -234,9 +254,10 @@ int RunHealth(const std::shared_ptr<grpc::Channel>& channel, const ClientFlags& 
 }
 
 void RunGenerate(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f,
-                 const vtw::v1::GenerateRequest& request, double timeout) {
+                 const CallAuth& auth, const vtw::v1::GenerateRequest& request, double timeout) {
   grpc::ClientContext context;
   SetDeadline(&context, timeout);
+  auth.Apply(&context);
   vtw::v1::GenerateResponse response;
   grpc::Status status = stub.Generate(&context, request, &response);
   if (!status.ok()) RpcError(status);
@@ -251,10 +272,11 @@ void RunGenerate(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f,
 
 // Prints each delta as it arrives; the response printed at the end (JSON, summary) is the
 // concatenation of the deltas with the fields of the final message.
-void RunStream(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f,
+void RunStream(vtw::v1::InferenceService::Stub& stub, const ClientFlags& f, const CallAuth& auth,
                const vtw::v1::GenerateRequest& request, double timeout) {
   grpc::ClientContext context;
   SetDeadline(&context, timeout);
+  auth.Apply(&context);
   std::unique_ptr<grpc::ClientReader<vtw::v1::GenerateStreamResponse>> reader =
       stub.GenerateStream(&context, request);
   vtw::v1::GenerateStreamResponse message;
@@ -303,17 +325,38 @@ int RunClient(const ClientFlags& f, bool prompt_given, const std::vector<std::st
   vtw::v1::GenerateRequest request;
   if (!f.info && !f.health) request = BuildRequest(f, prompt_given);
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(f.addr, grpc::InsecureChannelCredentials());
+  CallAuth auth;
+  if (!f.auth_token_file.empty()) {
+    StatusOr<std::string> token = ReadTokenFile("--auth-token-file", f.auth_token_file);
+    if (!token.ok()) UsageError(token.status().message());
+    auth.token = std::move(token).value();
+  } else if (const char* env = std::getenv("VTW_AUTH_TOKEN"); env && *env) {
+    std::string token = env;
+    while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) {
+      token.pop_back();
+    }
+    if (Status st = ValidateToken("$VTW_AUTH_TOKEN", token); !st.ok()) UsageError(st.message());
+    auth.token = std::move(token);
+  }
+  StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      BuildChannelCredentials({f.tls_ca, f.tls_cert, f.tls_key});
+  if (!credentials.ok()) UsageError(credentials.status().message());
+  grpc::ChannelArguments args;
+  if (!f.tls_server_name.empty()) {
+    if (f.tls_ca.empty()) UsageError("--tls-server-name needs TLS: set --tls-ca");
+    args.SetSslTargetNameOverride(f.tls_server_name);
+  }
+
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(f.addr, *credentials, args);
   if (f.health) return RunHealth(channel, f, timeout);
   std::unique_ptr<vtw::v1::InferenceService::Stub> stub =
       vtw::v1::InferenceService::NewStub(channel);
   if (f.info) {
-    RunInfo(*stub, f, timeout);
+    RunInfo(*stub, f, auth, timeout);
   } else if (f.stream) {
-    RunStream(*stub, f, request, timeout);
+    RunStream(*stub, f, auth, request, timeout);
   } else {
-    RunGenerate(*stub, f, request, timeout);
+    RunGenerate(*stub, f, auth, request, timeout);
   }
   return 0;
 }
@@ -359,6 +402,20 @@ void RegisterClientCommand(CLI::App& app) {
   cmd->add_flag("--info", flags->info, "Call GetModelInfo instead of generating");
   cmd->add_flag("--health", flags->health,
                 "Call grpc.health.v1.Health/Check; exit 0 only when SERVING");
+  cmd->add_option("--tls-ca", flags->tls_ca,
+                  "PEM CA bundle to verify the server's certificate with: connect over TLS")
+      ->type_name("FILE");
+  cmd->add_option("--tls-cert", flags->tls_cert,
+                  "PEM client certificate for servers that require one (mTLS; with --tls-key)")
+      ->type_name("FILE");
+  cmd->add_option("--tls-key", flags->tls_key, "PEM private key of --tls-cert")->type_name("FILE");
+  cmd->add_option("--tls-server-name", flags->tls_server_name,
+                  "Name to check the server's certificate against (default: the --addr host)")
+      ->type_name("NAME");
+  cmd->add_option("--auth-token-file", flags->auth_token_file,
+                  "File with the server's bearer token (default: $VTW_AUTH_TOKEN, the token "
+                  "itself); sent as 'authorization: Bearer <token>'")
+      ->type_name("FILE");
   cmd->callback([flags, prompt, cmd] {
     int code = 0;
     try {
