@@ -11,7 +11,7 @@ PACKAGES=(
   libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece
   nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
   prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml
-  yamllint
+  yamllint openssl
 )
 # kubectl (for `kubectl kustomize` in the deployment checks): Debian's kubernetes-client, unless
 # some kubectl is already installed (another package owning /usr/bin/kubectl would conflict).

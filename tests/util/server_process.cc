@@ -103,7 +103,8 @@ int PickFreePort() {
   return port;
 }
 
-std::string HealthStatus(const std::string& addr, double timeout_seconds) {
+std::string HealthStatus(const std::string& addr, double timeout_seconds,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials) {
   // A fresh channel with short reconnect backoff and its own subchannel pool, so that a refused
   // connection a moment ago does not delay this check.
   grpc::ChannelArguments args;
@@ -111,7 +112,8 @@ std::string HealthStatus(const std::string& addr, double timeout_seconds) {
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  auto channel = grpc::CreateCustomChannel(addr, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(
+      addr, credentials ? credentials : grpc::InsecureChannelCredentials(), args);
   tools::ServingStatus serving = tools::ServingStatus::kUnknown;
   grpc::Status status = tools::CheckHealth(channel, "", timeout_seconds, &serving);
   if (!status.ok()) {
@@ -121,7 +123,9 @@ std::string HealthStatus(const std::string& addr, double timeout_seconds) {
   return tools::ServingStatusName(serving);
 }
 
-std::unique_ptr<ServerProcess> ServerProcess::Start(const std::vector<std::string>& extra_flags) {
+std::unique_ptr<ServerProcess> ServerProcess::Start(
+    const std::vector<std::string>& extra_flags,
+    std::shared_ptr<grpc::ChannelCredentials> credentials) {
   static std::atomic<int> counter{0};
   const std::string binary = ServerBinary();
   if (!fs::exists(binary)) {
@@ -182,7 +186,7 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(const std::vector<std::strin
     std::string last_health = "not checked";
     while (Clock::now() < deadline) {
       if (p->Reap(/*block=*/false)) break;
-      last_health = HealthStatus(p->grpc_addr(), 1.0);
+      last_health = HealthStatus(p->grpc_addr(), 1.0, credentials);
       if (last_health == "SERVING") return p;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/security/credentials.h>
+
 namespace vtw::testing {
 
 class ServerProcess {
@@ -22,8 +24,11 @@ class ServerProcess {
   // Starts the server with the default flags plus `extra_flags` and waits until it is SERVING
   // (VTW_TEST_SERVER_START_TIMEOUT seconds, default 60). On failure records a gtest failure that
   // says why (missing binary, early exit, timeout) with the tail of the server's log, and returns
-  // nullptr: callers `ASSERT_NE(server, nullptr)`.
-  static std::unique_ptr<ServerProcess> Start(const std::vector<std::string>& extra_flags = {});
+  // nullptr: callers `ASSERT_NE(server, nullptr)`. `credentials` are the readiness health
+  // check's (nullptr: plaintext), for servers started with TLS flags.
+  static std::unique_ptr<ServerProcess> Start(
+      const std::vector<std::string>& extra_flags = {},
+      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
   ServerProcess(const ServerProcess&) = delete;
   ServerProcess& operator=(const ServerProcess&) = delete;
@@ -68,7 +73,8 @@ std::string TestModelDir();
 int PickFreePort();
 
 // grpc.health.v1.Health/Check("") once, with a fresh channel: "SERVING", "NOT_SERVING", or
-// "error: <CODE>: <message>" when the RPC fails.
-std::string HealthStatus(const std::string& addr, double timeout_seconds = 1.0);
+// "error: <CODE>: <message>" when the RPC fails. `credentials` nullptr: plaintext.
+std::string HealthStatus(const std::string& addr, double timeout_seconds = 1.0,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
 }  // namespace vtw::testing
