@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <numeric>
+#include <sstream>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -172,6 +173,37 @@ TEST_F(TrainerTest, FewStepsLowerTheLossAndTheDirectoryLoads) {
   EXPECT_LE(split->patch_kind.max().item<int64_t>(), 3);
 }
 
+// The shipped recipe's stages on the tiny geometry: vision pre-training on the patch labels,
+// then multi-turn sequences (several questions of one image per sequence) with the auxiliary
+// loss and VTW-aware withdrawal; the loss falls and the model loads.
+TEST_F(TrainerTest, VisionStageAndMultiTurnSequencesTrain) {
+  TrainOptions o = TinyOptions("multiturn");
+  o.steps = 30;
+  o.questions_per_image = 4;
+  o.turns = 4;
+  o.batch_size = 6;  // sequences (images) per step
+  o.aux_patch_loss = 0.5;
+  o.vision_steps = 10;
+  o.vision_batch = 8;
+  o.vtw_train_fraction = 0.5;
+  o.vtw_train_min_layer = 1;
+  auto r = RunTraining(o, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->losses.size(), 30u);
+  const double first = (r->losses[0] + r->losses[1] + r->losses[2]) / 3;
+  const double last = (r->losses[27] + r->losses[28] + r->losses[29]) / 3;
+  EXPECT_LT(last, 0.75 * first) << "first " << first << " last " << last;
+  EXPECT_TRUE(LlavaModel::Load(o.out_dir, at::kFloat).ok());
+
+  // Too many turns for the model's positions: a clear error before any training.
+  TrainOptions bad = TinyOptions("multiturn-bad");
+  bad.questions_per_image = 16;
+  bad.turns = 16;
+  auto rb = RunTraining(bad, nullptr);
+  ASSERT_FALSE(rb.ok());
+  EXPECT_NE(rb.status().message().find("--turns"), std::string::npos) << rb.status().ToString();
+}
+
 TEST_F(TrainerTest, ResumeContinuesWithIdenticalLosses) {
   // With VTW-aware sampling and the auxiliary head, whose state must be checkpointed too.
   TrainOptions full = TinyOptions("full");
@@ -204,3 +236,36 @@ TEST_F(TrainerTest, ResumeContinuesWithIdenticalLosses) {
 
 }  // namespace
 }  // namespace vtw::tools
+
+// The auxiliary patch labels describe the pixels the vision tower sees: on the shipped model's
+// geometry, patches labelled as covered by a shape are saturated (shape colours) and the
+// others are not (light grey backgrounds), and the labelled colour is the patch's colour.
+TEST(PatchLabels, AgreeWithThePreprocessedPixels) {
+  const std::string dir = std::string(VTW_SOURCE_DIR) + "/models/vtw-shapes";
+  auto config = vtw::LoadLlavaConfig(dir + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status().ToString();
+  auto tok = vtw::Tokenizer::Load(dir);
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  auto split = vtw::tools::BuildSplit("val", 60, 3, 3, **tok, *config, 1, nullptr);
+  ASSERT_TRUE(split.ok()) << split.status().ToString();
+  const int64_t n = split->pixels_u8.size(0), s = split->pixels_u8.size(3);
+  const int64_t patch = config->vision.patch_size;
+  const int64_t grid = s / patch;
+  at::Tensor px = split->pixels_u8.to(at::kFloat);  // bytes [n, 3, s, s]
+  // Saturation per pixel, averaged per patch: [n, grid, grid].
+  at::Tensor sat = std::get<0>(px.max(1)) - std::get<0>(px.min(1));
+  at::Tensor patch_sat =
+      sat.view({n, grid, patch, grid, patch}).mean({2, 4}).view({n, grid * grid});
+  at::Tensor covered = split->patch_kind.gt(0);
+  const double sat_covered = patch_sat.masked_select(covered).mean().item<double>();
+  const double sat_free = patch_sat.masked_select(covered.logical_not()).mean().item<double>();
+  std::ostringstream map;
+  for (int64_t p = 0; p < grid * grid; ++p) {
+    map << split->patch_kind[0][p].item<int64_t>()
+        << (patch_sat[0][p].item<double>() > 40 ? '#' : '.')
+        << ((p + 1) % grid == 0 ? "\n" : " ");
+  }
+  EXPECT_GT(sat_covered, 3 * sat_free + 20) << "covered " << sat_covered << " free " << sat_free
+                                            << "\nimage 0 (kind, # = saturated):\n" << map.str();
+  std::cerr << "image 0 (kind label, # = saturated patch):\n" << map.str();
+}

@@ -112,10 +112,16 @@ void RegisterTrainCommand(CLI::App& app) {
   cmd->add_option("--val-count", o->val_count, "Validation questions")->capture_default_str();
   cmd->add_option("--questions-per-image", o->questions_per_image, "Questions per image")
       ->check(CLI::Range(1, 16))->capture_default_str();
+  cmd->add_option("--turns", o->turns,
+                  "Questions of one image packed into one multi-turn training sequence "
+                  "(1: one question per sequence)")
+      ->check(CLI::Range(1, 16))->capture_default_str();
   cmd->add_option("--data-seed", o->data_seed, "Dataset seed of the train/val splits")
       ->capture_default_str();
   cmd->add_option("--steps", o->steps, "Optimizer steps")->capture_default_str();
-  cmd->add_option("--batch-size", o->batch_size, "Sequences per step")->capture_default_str();
+  cmd->add_option("--batch-size", o->batch_size,
+                  "Questions per step (--turns 1) or sequences = images per step (--turns > 1)")
+      ->capture_default_str();
   cmd->add_option("--lr", o->lr, "Peak learning rate")->capture_default_str();
   cmd->add_option("--min-lr-ratio", o->min_lr_ratio, "Final lr / peak lr")->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "Linear warm-up steps")->capture_default_str();
@@ -129,6 +135,12 @@ void RegisterTrainCommand(CLI::App& app) {
                   "withdrawn at a random layer")->capture_default_str();
   cmd->add_option("--vtw-train-min-layer", o->vtw_train_min_layer,
                   "VTW-aware training: smallest withdrawal layer drawn")->capture_default_str();
+  cmd->add_option("--vision-steps", o->vision_steps,
+                  "Vision pre-training steps on the patch labels before the main steps (needs "
+                  "--aux-patch-loss > 0)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--vision-batch", o->vision_batch, "Images per vision pre-training step")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--aux-patch-loss", o->aux_patch_loss,
                   "Weight of the auxiliary patch-label loss (training-only head on the image "
                   "tokens: colour and kind of the shape under each patch)")->capture_default_str();

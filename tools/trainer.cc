@@ -89,15 +89,18 @@ struct Batch {
   std::vector<int64_t> images;       // split image index of each features row
 };
 
+// A batch of sequences; each sequence is a group of examples over one image: the first in its
+// single-question form, the others as later conversation turns.
 Batch AssembleBatch(const LlavaModel& model, const EncodedSplit& data,
-                    const std::vector<int64_t>& example_idx, const std::vector<int>& withdraw) {
+                    const std::vector<std::vector<int64_t>>& groups,
+                    const std::vector<int>& withdraw) {
   Batch b;
   // Unique images, in first-use order.
   std::vector<int64_t> images;
-  std::vector<int64_t> seq_image(example_idx.size());
+  std::vector<int64_t> seq_image(groups.size());
   std::map<int32_t, int64_t> image_slot;
-  for (size_t s = 0; s < example_idx.size(); ++s) {
-    const int32_t img = data.examples[example_idx[s]].image;
+  for (size_t s = 0; s < groups.size(); ++s) {
+    const int32_t img = data.examples[groups[s].front()].image;
     auto it = image_slot.find(img);
     if (it == image_slot.end()) {
       it = image_slot.emplace(img, static_cast<int64_t>(images.size())).first;
@@ -112,17 +115,36 @@ Batch AssembleBatch(const LlavaModel& model, const EncodedSplit& data,
   at::Tensor idx = at::tensor(seq_image, at::TensorOptions().dtype(at::kLong));
   b.fb.image_embeds = features.index_select(0, idx).reshape({-1, ht});
   int64_t base = 0;
-  for (size_t s = 0; s < example_idx.size(); ++s) {
-    const TrainExample& ex = data.examples[example_idx[s]];
-    const int64_t prompt = static_cast<int64_t>(ex.prompt_ids.size());
-    const int64_t n = prompt + static_cast<int64_t>(ex.target_ids.size()) - 1;
+  for (size_t s = 0; s < groups.size(); ++s) {
+    // The sequence: turn 0's prompt (with the image rows) and answer + EOS, then each later
+    // turn's prompt and answer + EOS; the final EOS is only a target, never an input.
+    std::vector<int64_t> ids;
+    std::vector<TokenKind> kinds;
+    b.first_target.push_back(static_cast<int64_t>(b.targets.size()));
+    for (size_t t = 0; t < groups[s].size(); ++t) {
+      const TrainExample& ex = data.examples[groups[s][t]];
+      if (t == 0) {
+        ids.insert(ids.end(), ex.prompt_ids.begin(), ex.prompt_ids.end());
+        kinds.insert(kinds.end(), ex.kinds.begin(), ex.kinds.end());
+      } else {
+        ids.insert(ids.end(), ex.turn_ids.begin(), ex.turn_ids.end());
+        kinds.resize(ids.size(), TokenKind::kText);
+      }
+      for (size_t j = 0; j < ex.target_ids.size(); ++j) {
+        b.target_rows.push_back(base + static_cast<int64_t>(ids.size()) - 1);
+        b.targets.push_back(ex.target_ids[j]);
+        b.target_seq.push_back(static_cast<int>(s));
+        ids.push_back(ex.target_ids[j]);
+        kinds.push_back(TokenKind::kText);
+      }
+    }
+    const int64_t n = static_cast<int64_t>(ids.size()) - 1;
     int64_t image_rows = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const bool in_prompt = i < prompt;
-      b.fb.token_ids.push_back(in_prompt ? ex.prompt_ids[i] : ex.target_ids[i - prompt]);
-      b.fb.kinds.push_back(in_prompt ? ex.kinds[i] : TokenKind::kText);
+      b.fb.token_ids.push_back(ids[i]);
+      b.fb.kinds.push_back(kinds[i]);
       b.fb.positions.push_back(i);
-      image_rows += in_prompt && ex.kinds[i] == TokenKind::kImage;
+      image_rows += kinds[i] == TokenKind::kImage;
     }
     TORCH_CHECK(image_rows == p, "example image rows differ from the model's image tokens");
     SequenceChunk chunk;
@@ -130,12 +152,6 @@ Batch AssembleBatch(const LlavaModel& model, const EncodedSplit& data,
     chunk.withdraw_layer = withdraw[s];
     chunk.compute_logits = false;
     b.fb.seqs.push_back(chunk);
-    b.first_target.push_back(static_cast<int64_t>(b.targets.size()));
-    for (size_t j = 0; j < ex.target_ids.size(); ++j) {
-      b.target_rows.push_back(base + prompt - 1 + static_cast<int64_t>(j));
-      b.targets.push_back(ex.target_ids[j]);
-      b.target_seq.push_back(static_cast<int>(s));
-    }
     base += n;
   }
   b.tokens = base;
@@ -315,6 +331,9 @@ json OptionsJson(const TrainOptions& o) {
           {"train_count", o.train_count},
           {"val_count", o.val_count},
           {"questions_per_image", o.questions_per_image},
+          {"turns", o.turns},
+          {"vision_steps", o.vision_steps},
+          {"vision_batch", o.vision_batch},
           {"data_seed", o.data_seed},
           {"steps", o.steps},
           {"batch_size", o.batch_size},
@@ -487,8 +506,10 @@ StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint6
   const int patch = config.vision.patch_size, grid = s / patch;
   out.patch_color = at::zeros({n, grid * grid}, at::kLong);
   out.patch_kind = at::zeros({n, grid * grid}, at::kLong);
+  out.patch_side = at::zeros({n, grid * grid}, at::kLong);
   int64_t* pc = out.patch_color.data_ptr<int64_t>();
   int64_t* pk = out.patch_kind.data_ptr<int64_t>();
+  int64_t* ps = out.patch_side.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     const Scene& sc = scenes[i];
     const ImageSize rs = ShortestEdgeResizeSize(sc.height, sc.width, s);
@@ -526,12 +547,16 @@ StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint6
         if (best >= 0) {
           pc[i * grid * grid + gy * grid + gx] = 1 + static_cast<int>(sc.shapes[best].color);
           pk[i * grid * grid + gy * grid + gx] = 1 + static_cast<int>(sc.shapes[best].kind);
+          ps[i * grid * grid + gy * grid + gx] = sc.shapes[best].cx < sc.width * 0.5f ? 1 : 2;
         }
       }
     }
   }
 
-  std::map<std::string, std::pair<std::vector<int32_t>, std::vector<int32_t>>> cache;
+  struct Tokenized {
+    std::vector<int32_t> ids, answer, turn;
+  };
+  std::map<std::string, Tokenized> cache;
   for (int64_t i = 0; i < n; ++i) {
     for (const QaExample& q : questions[i]) {
       auto it = cache.find(q.question + "\x01" + q.answer);
@@ -540,9 +565,12 @@ StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint6
         std::vector<int32_t> ids = tokenizer.Encode(prompt, tokenizer.add_bos_token());
         VTW_ASSIGN_OR_RETURN(std::vector<int32_t> answer,
                              AnswerTokenIds(tokenizer, ids, prompt, q.answer));
-        it = cache.emplace(q.question + "\x01" + q.answer, std::make_pair(ids, answer)).first;
+        // The same question as a later turn of a conversation (after the previous `</s>`).
+        std::vector<int32_t> turn =
+            tokenizer.Encode("USER: " + q.question + " ASSISTANT:", /*add_bos=*/false);
+        it = cache.emplace(q.question + "\x01" + q.answer, Tokenized{ids, answer, turn}).first;
       }
-      const auto& [ids, answer] = it->second;
+      const auto& [ids, answer, turn] = it->second;
       VTW_ASSIGN_OR_RETURN(PromptLayout layout,
                            ExpandPrompt(ids, config.image_token_index, 1,
                                         config.num_image_tokens(),
@@ -553,6 +581,7 @@ StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint6
       ex.kinds = layout.kinds;
       ex.target_ids.assign(answer.begin(), answer.end());
       ex.target_ids.push_back(tokenizer.eos_id());
+      ex.turn_ids.assign(turn.begin(), turn.end());
       if (layout.size() + static_cast<int64_t>(ex.target_ids.size()) >
           config.text.max_position_embeddings) {
         return InvalidArgument("example longer than max_position_embeddings");
@@ -580,7 +609,9 @@ EvalResult Evaluate(const LlavaModel& model, const EncodedSplit& data, int withd
   for (int64_t b0 = 0; b0 < n; b0 += batch_size) {
     std::vector<int64_t> idx;
     for (int64_t i = b0; i < std::min(n, b0 + batch_size); ++i) idx.push_back(i);
-    Batch b = AssembleBatch(model, data, idx, std::vector<int>(idx.size(), withdraw_layer));
+    std::vector<std::vector<int64_t>> groups;
+    for (int64_t i : idx) groups.push_back({i});
+    Batch b = AssembleBatch(model, data, groups, std::vector<int>(idx.size(), withdraw_layer));
     at::Tensor logits = TargetLogits(model, b);
     at::Tensor tgt = at::tensor(b.targets, at::TensorOptions().dtype(at::kLong));
     loss_sum += at::cross_entropy_loss(logits, tgt, {}, at::Reduction::Sum).item<double>();
@@ -623,6 +654,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
     return InvalidArgument("--save-dtype must be fp32 or bf16");
   }
   if (o.resume && o.checkpoint_dir.empty()) return InvalidArgument("--resume needs --checkpoint-dir");
+  if (o.turns < 1) return InvalidArgument("--turns must be >= 1");
   if (o.vtw_train_fraction < 0 || o.vtw_train_fraction > 1) {
     return InvalidArgument("--vtw-train-fraction must be in [0, 1]");
   }
@@ -657,9 +689,27 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
   VTW_ASSIGN_OR_RETURN(EncodedSplit train, BuildSplit("train", o.train_count, o.data_seed,
                                                       o.questions_per_image, *tokenizer, config,
                                                       data_threads, log));
+  // Validation: at most 3 questions per image (comparable across runs with different
+  // --questions-per-image).
   VTW_ASSIGN_OR_RETURN(EncodedSplit val, BuildSplit("val", o.val_count, o.data_seed,
-                                                    o.questions_per_image, *tokenizer, config,
+                                                    std::min(3, o.questions_per_image),
+                                                    *tokenizer, config,
                                                     data_threads, log));
+  if (o.turns > 1) {
+    size_t longest_prompt = 0, longest_turn = 0;
+    for (const TrainExample& ex : train.examples) {
+      longest_prompt = std::max(longest_prompt, ex.prompt_ids.size() + ex.target_ids.size());
+      longest_turn = std::max(longest_turn, ex.turn_ids.size() + ex.target_ids.size());
+    }
+    const size_t longest = longest_prompt + (std::min(o.turns, o.questions_per_image) - 1) *
+                                                longest_turn;
+    if (longest > static_cast<size_t>(config.text.max_position_embeddings) + 1) {
+      return InvalidArgument("--turns " + std::to_string(o.turns) + ": a sequence can take up to " +
+                             std::to_string(longest) + " positions, more than the model's " +
+                             std::to_string(config.text.max_position_embeddings) +
+                             " (lower --turns)");
+    }
+  }
   std::vector<std::vector<int64_t>> by_image(train.pixels_u8.size(0));
   for (size_t i = 0; i < train.examples.size(); ++i) {
     by_image[train.examples[i].image].push_back(static_cast<int64_t>(i));
@@ -676,12 +726,19 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
     (p.decay ? decay : no_decay).push_back(p.tensor);
     num_params += p.tensor.numel();
   }
-  // The auxiliary patch-label head (training only): [7 colours + 4 kinds, Ht].
+  // The auxiliary patch-label head (training only): [7 colours + 4 kinds + 3 sides + grid rows
+  // + grid columns, Ht].
   at::Tensor aux_w, aux_b;
+  const int64_t aux_grid = config.vision.image_size / config.vision.patch_size;
+  const int64_t aux_outputs = 7 + 4 + 3 + 2 * aux_grid;
+  at::Tensor aux_row, aux_col;  // [P] row and column of each patch
   if (o.aux_patch_loss > 0) {
     at::Generator aux_gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 2);
-    aux_w = at::empty({11, config.text.hidden_size}, at::kFloat).normal_(0.0, o.init_std, aux_gen);
-    aux_b = at::zeros({11}, at::kFloat);
+    aux_w = at::empty({aux_outputs, config.text.hidden_size}, at::kFloat)
+                .normal_(0.0, o.init_std, aux_gen);
+    aux_b = at::zeros({aux_outputs}, at::kFloat);
+    aux_row = at::arange(aux_grid * aux_grid, at::kLong).floor_divide(aux_grid);
+    aux_col = at::arange(aux_grid * aux_grid, at::kLong).remainder(aux_grid);
     aux_w.requires_grad_(true);
     aux_b.requires_grad_(true);
     params.push_back({"aux/patch_head.weight", aux_w, true});
@@ -772,7 +829,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
   const int end_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
   const auto loop_start = Clock::now();
   const int first_step = step;
-  double ema_loss = -1, ema_acc = -1;
+  double ema_loss = -1, ema_acc = -1, ema_aux_kind = -1;
   int64_t tokens_done = 0;
   auto validate = [&](int at_step) -> EvalResult {
     EvalResult v = Evaluate(model, val, layers);
@@ -790,17 +847,111 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
     return v;
   };
 
-  for (; step < end_step; ++step) {
-    // Batch: random training images, all of each image's questions, until the batch is full.
-    std::vector<int64_t> idx;
-    while (static_cast<int>(idx.size()) < o.batch_size) {
-      const auto& qs = by_image[UniformIndex(rng, static_cast<int64_t>(by_image.size()))];
-      for (int64_t e : qs) {
-        if (static_cast<int>(idx.size()) < o.batch_size) idx.push_back(e);
+  // The patch-label loss of projected image tokens `features` [n, P, Ht] of split images
+  // `images`; *kind_acc: kind accuracy on the patches a shape covers.
+  auto aux_loss = [&](const at::Tensor& features, const std::vector<int64_t>& images,
+                      double* kind_acc) -> at::Tensor {
+    at::Tensor img = at::tensor(images, at::TensorOptions().dtype(at::kLong));
+    at::Tensor aux = at::linear(features.reshape({-1, features.size(2)}), aux_w, aux_b);
+    at::Tensor color = train.patch_color.index_select(0, img).flatten();
+    at::Tensor kind = train.patch_kind.index_select(0, img).flatten();
+    at::Tensor side = train.patch_side.index_select(0, img).flatten();
+    const int64_t n_img = img.size(0);
+    at::Tensor rows = aux_row.repeat({n_img}), cols = aux_col.repeat({n_img});
+    at::Tensor kind_logits = aux.narrow(1, 7, 4);
+    at::Tensor l = at::cross_entropy_loss(aux.narrow(1, 0, 7), color) +
+                   at::cross_entropy_loss(kind_logits, kind) +
+                   at::cross_entropy_loss(aux.narrow(1, 11, 3), side) +
+                   at::cross_entropy_loss(aux.narrow(1, 14, aux_grid), rows) +
+                   at::cross_entropy_loss(aux.narrow(1, 14 + aux_grid, aux_grid), cols);
+    at::Tensor covered = kind > 0;
+    const double n_covered = covered.sum().item<double>();
+    if (kind_acc && n_covered > 0) {
+      *kind_acc = ((kind_logits.detach().argmax(-1) == kind) & covered).sum().item<double>() /
+                  n_covered;
+    }
+    return l;
+  };
+
+  // Vision pre-training stage (skipped when resuming past it: step > 0).
+  if (o.vision_steps > 0 && o.aux_patch_loss > 0 && step == 0) {
+    std::vector<at::Tensor> vision_params;
+    for (const Param& p : params) {
+      if (p.name.rfind("language_model.", 0) != 0) vision_params.push_back(p.tensor);
+    }
+    auto vopts = std::make_unique<AdamWOptions>(o.lr);
+    vopts->betas({o.beta1, o.beta2}).weight_decay(o.weight_decay).eps(1e-8);
+    std::vector<torch::optim::OptimizerParamGroup> vgroups;
+    vgroups.emplace_back(vision_params, std::move(vopts));
+    torch::optim::AdamW vopt(vgroups, AdamWOptions(o.lr));
+    TrainOptions vo = o;
+    vo.steps = o.vision_steps;
+    vo.warmup = std::min(o.warmup, o.vision_steps / 4);
+    const auto vstart = Clock::now();
+    double ema_l = -1, ema_k = -1;
+    for (int vs = 0; vs < o.vision_steps; ++vs) {
+      std::vector<int64_t> images;
+      for (int i = 0; i < o.vision_batch; ++i) {
+        images.push_back(UniformIndex(rng, static_cast<int64_t>(by_image.size())));
+      }
+      const double lr = LearningRate(vo, vs);
+      for (auto& group : vopt.param_groups()) static_cast<AdamWOptions&>(group.options()).lr(lr);
+      at::Tensor features = model.EncodeImages(train.Pixels(images));
+      double kind_acc = -1;
+      at::Tensor l = aux_loss(features, images, &kind_acc);
+      vopt.zero_grad();
+      l.backward();
+      if (o.clip_norm > 0) torch::nn::utils::clip_grad_norm_(vision_params, o.clip_norm);
+      vopt.step();
+      const double lv = l.item<double>();
+      if (!std::isfinite(lv)) {
+        return Internal("vision pre-training diverged at step " + std::to_string(vs));
+      }
+      ema_l = ema_l < 0 ? lv : 0.95 * ema_l + 0.05 * lv;
+      if (kind_acc >= 0) ema_k = ema_k < 0 ? kind_acc : 0.95 * ema_k + 0.05 * kind_acc;
+      const int done = vs + 1;
+      if (log && (done % 50 == 0 || done == o.vision_steps || done == 1)) {
+        const double el = Seconds(vstart);
+        char buf[200];
+        std::snprintf(buf, sizeof(buf),
+                      "[vision] step %d/%d patch-label loss %.4f kind acc %.3f lr %.2e elapsed %s "
+                      "ETA %s",
+                      done, o.vision_steps, ema_l, ema_k, lr, FormatDuration(el).c_str(),
+                      FormatDuration(el / done * (o.vision_steps - done)).c_str());
+        *log << buf << "\n" << std::flush;
       }
     }
-    std::vector<int> withdraw(idx.size(), 1 << 30);
-    for (size_t s = 0; s < idx.size(); ++s) {
+    // The main stage's optimizer starts fresh (its moments would otherwise be empty for the
+    // decoder and stale for the vision side alike).
+  }
+
+  for (; step < end_step; ++step) {
+    // Batch: random training images. One question per sequence: all of each image's questions,
+    // until the batch is full. Multi-turn: one sequence per image, its questions in random order
+    // (so every question type is the first, single-question-form turn equally often).
+    std::vector<std::vector<int64_t>> groups;
+    int64_t questions = 0;
+    while (o.turns > 1 ? static_cast<int>(groups.size()) < o.batch_size
+                       : questions < o.batch_size) {
+      std::vector<int64_t> qs = by_image[UniformIndex(rng, static_cast<int64_t>(by_image.size()))];
+      if (o.turns > 1) {
+        for (size_t i = qs.size(); i > 1; --i) {
+          std::swap(qs[i - 1], qs[UniformIndex(rng, static_cast<int64_t>(i))]);
+        }
+        if (static_cast<int>(qs.size()) > o.turns) qs.resize(o.turns);
+        questions += static_cast<int64_t>(qs.size());
+        groups.push_back(std::move(qs));
+        continue;
+      }
+      for (int64_t e : qs) {
+        if (questions < o.batch_size) {
+          groups.push_back({e});
+          ++questions;
+        }
+      }
+    }
+    std::vector<int> withdraw(groups.size(), 1 << 30);
+    for (size_t s = 0; s < groups.size(); ++s) {
       if (o.vtw_train_fraction > 0 && Uniform01(rng) < o.vtw_train_fraction) {
         withdraw[s] = o.vtw_train_min_layer +
                       static_cast<int>(UniformIndex(rng, layers - o.vtw_train_min_layer));
@@ -811,19 +962,18 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
       static_cast<AdamWOptions&>(group.options()).lr(lr);
     }
     const auto t0 = Clock::now();
-    Batch b = AssembleBatch(model, train, idx, withdraw);
+    Batch b = AssembleBatch(model, train, groups, withdraw);
     const auto t1 = Clock::now();
     at::Tensor logits = TargetLogits(model, b);
     at::Tensor tgt = at::tensor(b.targets, at::TensorOptions().dtype(at::kLong));
     at::Tensor answer_loss = at::cross_entropy_loss(logits, tgt);
     at::Tensor loss = answer_loss;
     if (o.aux_patch_loss > 0) {
-      at::Tensor img = at::tensor(b.images, at::TensorOptions().dtype(at::kLong));
-      at::Tensor aux = at::linear(b.features.reshape({-1, b.features.size(2)}), aux_w, aux_b);
-      at::Tensor color = train.patch_color.index_select(0, img).flatten();
-      at::Tensor kind = train.patch_kind.index_select(0, img).flatten();
-      loss = loss + o.aux_patch_loss * (at::cross_entropy_loss(aux.narrow(1, 0, 7), color) +
-                                         at::cross_entropy_loss(aux.narrow(1, 7, 4), kind));
+      double kind_acc = -1;
+      loss = loss + o.aux_patch_loss * aux_loss(b.features, b.images, &kind_acc);
+      if (kind_acc >= 0) {
+        ema_aux_kind = ema_aux_kind < 0 ? kind_acc : 0.95 * ema_aux_kind + 0.05 * kind_acc;
+      }
     }
     const auto t2 = Clock::now();
     optimizer.zero_grad();
@@ -856,14 +1006,18 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
     const double per_step = elapsed / (done - first_step);
     const bool line_due = !tty && (done % 10 == 0 || done == end_step || done == first_step + 1);
     if (log && (tty || line_due)) {
-      char buf[256];
+      char buf[320];
+      char aux_text[48] = "";
+      if (ema_aux_kind >= 0) {
+        std::snprintf(aux_text, sizeof(aux_text), " aux-kind %.3f", ema_aux_kind);
+      }
       const int width = 24;
       const int filled = static_cast<int>(width * static_cast<double>(done) / o.steps);
       std::string bar(filled, '=');
       bar.resize(width, ' ');
       std::snprintf(buf, sizeof(buf),
-                    "%sstep %d/%d [%s] loss %.4f acc %.3f lr %.2e %.0f tok/s elapsed %s ETA %s",
-                    tty ? "\r" : "", done, o.steps, bar.c_str(), ema_loss, ema_acc, lr,
+                    "%sstep %d/%d [%s] loss %.4f acc %.3f%s lr %.2e %.0f tok/s elapsed %s ETA %s",
+                    tty ? "\r" : "", done, o.steps, bar.c_str(), ema_loss, ema_acc, aux_text, lr,
                     tokens_done / elapsed, FormatDuration(elapsed).c_str(),
                     FormatDuration(per_step * (end_step - done)).c_str());
       *log << buf << (tty ? "" : "\n") << std::flush;

@@ -41,6 +41,12 @@ struct TrainOptions {
   int64_t val_count = 600;
   int questions_per_image = 3;
   uint64_t data_seed = 1;
+  // Questions packed into one multi-turn training sequence over their shared image (the
+  // llava-1.5 conversation form `USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>`):
+  // the image rows are computed once for up to this many answers, and the first turn is exactly
+  // the single-question prompt the runtime serves. 1: one question per sequence. With turns > 1
+  // --batch-size counts sequences (images). Validation is always single-question.
+  int turns = 1;
   // Optimisation.
   int steps = 1000;
   int batch_size = 48;       // sequences per step
@@ -58,10 +64,18 @@ struct TrainOptions {
   double vtw_train_fraction = 0.0;
   int vtw_train_min_layer = 1;
   // Auxiliary patch-label loss (training only): a linear head on the projected image tokens
-  // predicts, for every patch, the colour and the kind of the shape covering it (or
-  // background); its cross-entropy, times this weight, is added to the answer loss. The head
-  // is discarded after training (not part of the model).
+  // predicts, for every patch, the colour, the kind and the side (centre left or right of the
+  // middle) of the shape covering it (or background), and the patch's own row and column; the
+  // sum of the cross-entropies, times this weight, is added to the answer loss. The head is
+  // discarded after training (not part of the model).
   double aux_patch_loss = 0.0;
+  // Vision pre-training stage (needs aux_patch_loss > 0): before the main steps, this many
+  // steps train only the vision tower, the projector and the patch-label head on the patch
+  // labels (no decoder: cheap), with vision_batch images per step, the same peak lr, warm-up
+  // and cosine decay. Like LLaVA's pre-trained CLIP tower, the decoder then starts from image
+  // tokens that already tell shapes apart.
+  int vision_steps = 0;
+  int vision_batch = 64;
   // Monitoring and checkpoints.
   int eval_every = 200;      // validation every N steps (0: only at the end)
   int val_vtw_layer = -1;    // also validate with withdrawal at this K (-1: no)
@@ -102,6 +116,7 @@ struct TrainExample {
   std::vector<int64_t> prompt_ids;    // expanded layout ids (image rows carry the image id)
   std::vector<TokenKind> kinds;
   std::vector<int64_t> target_ids;    // answer tokens then EOS
+  std::vector<int64_t> turn_ids;      // the question as a later turn: `USER: {q} ASSISTANT:`
   int type = 0;                       // index into kQuestionTypes
 };
 
@@ -111,6 +126,7 @@ struct EncodedSplit {
   at::Tensor pixels_u8;  // [N, 3, S, S] uint8
   at::Tensor patch_color;  // [N, P] int64: 0 background, 1 + ShapeColor of the covering shape
   at::Tensor patch_kind;   // [N, P] int64: 0 background, 1 + ShapeKind
+  at::Tensor patch_side;   // [N, P] int64: 0 background, 1 left, 2 right (the shape's centre)
   std::vector<TrainExample> examples;
   // float pixel values of images `idx` exactly as PreprocessImage gives them: [n, 3, S, S].
   at::Tensor Pixels(const std::vector<int64_t>& idx) const;
