@@ -167,10 +167,14 @@ void Engine::Loop() {
       for (auto it = waiting_.begin(); it != waiting_.end();) {
         Request& r = **it;
         if (r.cancelled->load() || now >= r.deadline) {
-          expired_status.push_back(r.cancelled->load()
-                                       ? Status(StatusCode::kCancelled, "the client cancelled")
-                                       : Status(StatusCode::kDeadlineExceeded,
-                                                "the deadline passed while the request waited"));
+          // The deadline first: when a client's deadline fires, gRPC also cancels the call on
+          // the server, so both are usually true by the time the engine looks; the request timed
+          // out rather than being abandoned (checked the other way round, tests/overload_test
+          // saw most deadline expiries counted as CANCELLED).
+          expired_status.push_back(now >= r.deadline
+                                       ? Status(StatusCode::kDeadlineExceeded,
+                                                "the deadline passed while the request waited")
+                                       : Status(StatusCode::kCancelled, "the client cancelled"));
           expired.push_back(std::move(*it));
           it = waiting_.erase(it);
         } else {
@@ -316,11 +320,11 @@ void Engine::Step(std::vector<std::unique_ptr<Request>>& admitted) {
   // Drop cancelled and expired requests (their KV cache is freed at once).
   const auto now = Clock::now();
   for (auto& r : running_) {
-    if (r->cancelled->load()) {
-      finished.emplace_back(std::move(r), Status(StatusCode::kCancelled, "the client cancelled"));
-    } else if (now >= r->deadline) {
+    if (now >= r->deadline) {  // before the cancel flag: see Loop()
       finished.emplace_back(std::move(r), Status(StatusCode::kDeadlineExceeded,
                                                  "the deadline passed during generation"));
+    } else if (r->cancelled->load()) {
+      finished.emplace_back(std::move(r), Status(StatusCode::kCancelled, "the client cancelled"));
     }
   }
   ReleaseFinished();
