@@ -1,6 +1,7 @@
 #include "server/engine.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
@@ -372,7 +373,12 @@ void Engine::Step(std::vector<std::unique_ptr<Request>>& admitted) {
     r.num_computed = end;
   }
   if (!images.empty()) batch.image_embeds = images.size() == 1 ? images[0] : at::cat(images, 0);
+  if (options_.fail_after_steps >= 0 && forwards_ >= options_.fail_after_steps) {
+    throw std::runtime_error("injected failure after " + std::to_string(forwards_) +
+                             " engine steps (VTW_TEST_FAIL_AFTER_STEPS, a test hook)");
+  }
   ForwardOutput out = model_.Forward(batch);
+  ++forwards_;
   if (metrics_) {
     metrics_->engine_steps->Increment();
     metrics_->batch_tokens->Observe(static_cast<double>(plan.total_tokens));

@@ -28,6 +28,11 @@ struct EngineOptions {
   SchedulerConfig scheduler;
   int max_queue = 256;               // waiting requests before RESOURCE_EXHAUSTED
   size_t image_cache_entries = 256;  // image features kept for reuse
+  // Test hook (tests/faults_test.cc; vtw-server reads it from VTW_TEST_FAIL_AFTER_STEPS): when
+  // >= 0, the step after this many model forwards throws as a failing model would, so the
+  // engine-failure path (every request INTERNAL, Submit UNAVAILABLE, on_failure) can be tested
+  // end to end. -1 (the default) disables it.
+  int64_t fail_after_steps = -1;
 };
 
 class Engine {
@@ -94,6 +99,7 @@ class Engine {
   std::atomic<int> num_waiting_{0}, num_running_{0};
   std::atomic<int64_t> kv_bytes_used_{0};
   std::atomic<bool> failed_{false};
+  int64_t forwards_ = 0;  // engine thread only: model forwards run (for fail_after_steps)
   std::thread thread_;
 };
 

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -125,6 +126,19 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: --default-max-new-tokens exceeds --max-new-tokens-limit\n");
     return 2;
   }
+  // A test hook, deliberately not a flag (tests/faults_test.cc): the engine fails on purpose
+  // after N model steps, to test what clients, health and metrics see when the model throws.
+  int64_t fail_after_steps = -1;
+  if (const char* env = std::getenv("VTW_TEST_FAIL_AFTER_STEPS"); env && *env) {
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    if (*end != '\0' || n < 0) {
+      std::fprintf(stderr, "error: VTW_TEST_FAIL_AFTER_STEPS must be a number >= 0, got '%s'\n",
+                   env);
+      return 2;
+    }
+    fail_after_steps = n;
+  }
   // Credentials and the token are read now: a missing or bad file stops the server before it
   // listens or loads anything.
   auto credentials = vtw::BuildServerCredentials({f.tls_cert, f.tls_key, f.tls_client_ca});
@@ -153,6 +167,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (f.model.empty()) f.model = vtw::DefaultModelDir();
+  if (fail_after_steps >= 0) {
+    spdlog::warn("VTW_TEST_FAIL_AFTER_STEPS={}: the engine will fail on purpose after {} steps "
+                 "(a test hook; unset it outside tests)", fail_after_steps, fail_after_steps);
+  }
   spdlog::info("effective configuration:\n{}", app.config_to_str(true, false));
 
   // SIGTERM / SIGINT are taken synchronously by the main thread (blocked everywhere else).
@@ -229,6 +247,7 @@ int main(int argc, char** argv) {
   engine_options.scheduler.kv_cache_bytes = f.kv_cache_bytes;
   engine_options.max_queue = f.max_queue;
   engine_options.image_cache_entries = static_cast<size_t>(std::max(0, f.image_cache_entries));
+  engine_options.fail_after_steps = fail_after_steps;
   auto engine = std::make_unique<vtw::Engine>(**bundle, engine_options, &metrics,
                                               [&](const std::string&) { set_health(false); });
   service.SetEngine(bundle->get(), engine.get());
