@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include <nlohmann/json.hpp>
 
@@ -204,12 +205,18 @@ StatusOr<LlavaConfig> ParseLlavaConfig(const nlohmann::json& j, const std::strin
   return c;
 }
 
+StatusOr<LlavaConfig> ParseLlavaConfigText(std::string_view text, const std::string& source) {
+  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return InvalidArgument(source + ": not valid JSON");
+  return ParseLlavaConfig(j, source);
+}
+
 StatusOr<LlavaConfig> LoadLlavaConfig(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound("cannot read model config " + path + " (does the model directory exist?)");
-  json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
-  VTW_ASSIGN_OR_RETURN(LlavaConfig c, ParseLlavaConfig(j, path));
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return InvalidArgument(path + ": read error");
+  VTW_ASSIGN_OR_RETURN(LlavaConfig c, ParseLlavaConfigText(text, path));
   c.name = std::filesystem::path(path).parent_path().filename().string();
   return c;
 }

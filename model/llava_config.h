@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -66,6 +67,11 @@ struct LlavaConfig {
 // Parses `json` (the content of config.json); `source` names the file in error messages.
 // Unsupported architectures or options are an InvalidArgument that names them.
 StatusOr<LlavaConfig> ParseLlavaConfig(const nlohmann::json& json, const std::string& source);
+
+// Parses `text` (config.json's content; `source` names it in messages): InvalidArgument
+// "<source>: not valid JSON" for text that is not JSON, else as ParseLlavaConfig. LoadLlavaConfig
+// reads the file and calls this.
+StatusOr<LlavaConfig> ParseLlavaConfigText(std::string_view text, const std::string& source);
 
 // Reads and parses `path` (a config.json).
 StatusOr<LlavaConfig> LoadLlavaConfig(const std::string& path);

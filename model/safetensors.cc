@@ -190,17 +190,37 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
   if (::fstat(fd, &st) != 0) return InvalidArgument(where + "cannot stat: " + Errno(errno));
   if (!S_ISREG(st.st_mode)) return InvalidArgument(where + "not a regular file");
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  const uint8_t* base = nullptr;
+  if (file_size >= 8) {  // shorter files are rejected by Parse (and mmap of 0 bytes fails)
+    void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED) return Internal(where + "mmap failed: " + Errno(errno));
+    file->map_ = map;
+    base = static_cast<const uint8_t*>(map);
+  }
+  file->map_size_ = file_size;
+  ::close(closer.Release());  // the mapping keeps the file alive
+  VTW_RETURN_IF_ERROR(file->Parse(base, file_size));
+  return file;
+}
+
+StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(std::string bytes,
+                                                                      const std::string& name) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = name;
+  file->owned_ = std::move(bytes);
+  file->map_size_ = file->owned_.size();
+  VTW_RETURN_IF_ERROR(
+      file->Parse(reinterpret_cast<const uint8_t*>(file->owned_.data()), file->owned_.size()));
+  return file;
+}
+
+Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
+  const std::string where = "safetensors file " + path_ + ": ";
+  SafetensorsFile* file = this;
   if (file_size < 8) {
     return DataLoss(where + "file is " + std::to_string(file_size) +
                     " bytes, shorter than the 8-byte header length prefix");
   }
-  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (map == MAP_FAILED) return Internal(where + "mmap failed: " + Errno(errno));
-  file->map_ = map;
-  file->map_size_ = file_size;
-  ::close(closer.Release());  // the mapping keeps the file alive
-
-  const uint8_t* base = static_cast<const uint8_t*>(map);
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | base[i];
   if (header_len > kMaxHeaderBytes) {
@@ -339,7 +359,7 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
     file->by_name_.emplace(entry.view.name, file->tensors_.size());
     file->tensors_.push_back(std::move(entry.view));
   }
-  return file;
+  return Status::Ok();
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -355,6 +375,37 @@ std::vector<std::string> WeightStore::Names() const {
   names.reserve(by_name_.size());
   for (const auto& [name, view] : by_name_) names.push_back(name);
   return names;
+}
+
+StatusOr<std::map<std::string, std::vector<std::string>>> ParseShardIndex(
+    std::string_view json_text, const std::string& where) {
+  Json index;
+  std::string json_error;
+  if (!ParseJsonStrict(json_text.data(), json_text.data() + json_text.size(), &index,
+                       &json_error)) {
+    return DataLoss(where + "not valid JSON: " + json_error);
+  }
+  if (!index.is_object()) return DataLoss(where + "not a JSON object");
+  auto map_it = index.find("weight_map");
+  if (map_it == index.end() || !map_it->is_object()) {
+    return DataLoss(where + "missing 'weight_map' object");
+  }
+  if (map_it->empty()) return DataLoss(where + "'weight_map' is empty");
+
+  std::map<std::string, std::vector<std::string>> tensors_by_shard;
+  for (auto it = map_it->begin(); it != map_it->end(); ++it) {
+    if (!it.value().is_string()) {
+      return DataLoss(where + "weight_map entry for tensor '" + it.key() + "' is not a string");
+    }
+    const std::string& shard = it.value().get_ref<const std::string&>();
+    if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos ||
+        shard.find('\0') != std::string::npos) {
+      return DataLoss(where + "tensor '" + it.key() + "' maps to shard '" + shard +
+                      "', which is not a plain file name");
+    }
+    tensors_by_shard[shard].push_back(it.key());
+  }
+  return tensors_by_shard;
 }
 
 StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDirectory(const std::string& dir) {
@@ -379,32 +430,7 @@ StatusOr<std::unique_ptr<WeightStore>> WeightStore::OpenDirectory(const std::str
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     if (in.bad()) return InvalidArgument(where + "read error");
 
-    Json index;
-    std::string json_error;
-    if (!ParseJsonStrict(text.data(), text.data() + text.size(), &index, &json_error)) {
-      return DataLoss(where + "not valid JSON: " + json_error);
-    }
-    if (!index.is_object()) return DataLoss(where + "not a JSON object");
-    auto map_it = index.find("weight_map");
-    if (map_it == index.end() || !map_it->is_object()) {
-      return DataLoss(where + "missing 'weight_map' object");
-    }
-    if (map_it->empty()) return DataLoss(where + "'weight_map' is empty");
-
-    std::map<std::string, std::vector<std::string>> tensors_by_shard;
-    for (auto it = map_it->begin(); it != map_it->end(); ++it) {
-      if (!it.value().is_string()) {
-        return DataLoss(where + "weight_map entry for tensor '" + it.key() + "' is not a string");
-      }
-      const std::string& shard = it.value().get_ref<const std::string&>();
-      if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos ||
-          shard.find('\0') != std::string::npos) {
-        return DataLoss(where + "tensor '" + it.key() + "' maps to shard '" + shard +
-                        "', which is not a plain file name");
-      }
-      tensors_by_shard[shard].push_back(it.key());
-    }
-
+    VTW_ASSIGN_OR_RETURN(auto tensors_by_shard, ParseShardIndex(text, where));
     for (const auto& [shard, names] : tensors_by_shard) {
       const std::string shard_path = (root / shard).string();
       auto opened = SafetensorsFile::Open(shard_path);

@@ -69,6 +69,12 @@ class SafetensorsFile {
   // (plus bounded per-entry overhead) based on its contents.
   static StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
 
+  // The same parser and checks as Open, over a complete file image held in memory (the object
+  // keeps `bytes`; views point into that copy). `name` stands for the path in messages and in
+  // path(). Open maps the file and runs exactly this code; the fuzz tests call it directly.
+  static StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes,
+                                                              const std::string& name);
+
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -91,13 +97,26 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
 
+  // Validates the file image [base, base + size) (already mapped or owned by this object) and
+  // fills tensors_, by_name_ and metadata_.
+  Status Parse(const uint8_t* base, uint64_t size);
+
   std::string path_;
-  void* map_ = nullptr;
-  size_t map_size_ = 0;
+  void* map_ = nullptr;  // the mapping made by Open (nullptr for FromBytes)
+  size_t map_size_ = 0;  // the file's size (also for FromBytes)
+  std::string owned_;    // the file image given to FromBytes
   std::vector<TensorView> tensors_;
   std::map<std::string, size_t, std::less<>> by_name_;  // name -> index in tensors_
   std::map<std::string, std::string> metadata_;
 };
+
+// The "weight_map" of a model.safetensors.index.json (its text in `json_text`): shard file name
+// -> the tensors mapped to it, shards sorted by name. DataLoss, each message prefixed with
+// `where`: not valid JSON (duplicate keys and nesting deeper than 16 included), not an object, a
+// missing, non-object or empty weight_map, a non-string entry, or a shard that is not a plain
+// file name (empty, ".", "..", containing '/' or NUL). WeightStore::OpenDirectory uses it.
+StatusOr<std::map<std::string, std::vector<std::string>>> ParseShardIndex(
+    std::string_view json_text, const std::string& where);
 
 // All weights of a Hugging Face model directory, single-file or sharded. Non-copyable.
 class WeightStore {

@@ -224,13 +224,12 @@ StatusOr<std::string> ReadFile(const std::filesystem::path& path, std::string_vi
   return ss.str();
 }
 
-StatusOr<nlohmann::json> ReadJson(const std::filesystem::path& path,
-                                  std::string_view what_to_do) {
-  VTW_ASSIGN_OR_RETURN(std::string text, ReadFile(path, what_to_do));
+// `text` (the content of the JSON file `file`) parsed.
+StatusOr<nlohmann::json> ParseJsonText(std::string_view text, const std::string& file) {
   try {
-    return nlohmann::json::parse(text);
+    return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
-    return InvalidArgument("tokenizer: " + path.string() + " is not valid JSON (" + e.what() +
+    return InvalidArgument("tokenizer: " + file + " is not valid JSON (" + e.what() +
                            "); restore it from the original checkpoint");
   }
 }
@@ -608,22 +607,40 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& model_di
                     "' does not exist or is not a directory; pass the directory of a llava-hf "
                     "checkpoint (with tokenizer.model and tokenizer_config.json)");
   }
+  VTW_ASSIGN_OR_RETURN(std::string model_bytes,
+                       ReadFile(dir / "tokenizer.model",
+                                "copy tokenizer.model (the SentencePiece model) from "
+                                "the Hugging Face checkpoint into this directory"));
+  VTW_ASSIGN_OR_RETURN(std::string config_text,
+                       ReadFile(dir / "tokenizer_config.json",
+                                "copy tokenizer_config.json from the Hugging Face "
+                                "checkpoint into this directory"));
+  std::optional<std::string> added_text;
+  const fs::path added_path = dir / "added_tokens.json";
+  if (fs::exists(added_path, ec)) {
+    VTW_ASSIGN_OR_RETURN(added_text, ReadFile(added_path, ""));
+  }
+  return LoadFromMemory(model_bytes, config_text,
+                        added_text ? std::optional<std::string_view>(*added_text) : std::nullopt,
+                        model_dir);
+}
+
+StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromMemory(
+    std::string_view model_bytes, std::string_view config_json,
+    std::optional<std::string_view> added_tokens_json, const std::string& model_dir) {
+  namespace fs = std::filesystem;
+  const fs::path dir(model_dir);
   std::unique_ptr<Tokenizer> tok(new Tokenizer());
 
   // SentencePiece model.
   const fs::path model_path = dir / "tokenizer.model";
-  VTW_ASSIGN_OR_RETURN(std::string model_bytes,
-                       ReadFile(model_path, "copy tokenizer.model (the SentencePiece model) from "
-                                            "the Hugging Face checkpoint into this directory"));
   VTW_ASSIGN_OR_RETURN(tok->sp_, SpModel::Parse(model_bytes, model_path.string()));
   tok->sp_size_ = tok->sp_->size();
 
   // tokenizer_config.json.
   const fs::path config_path = dir / "tokenizer_config.json";
   const std::string config_file = config_path.string();
-  VTW_ASSIGN_OR_RETURN(nlohmann::json config,
-                       ReadJson(config_path, "copy tokenizer_config.json from the Hugging Face "
-                                             "checkpoint into this directory"));
+  VTW_ASSIGN_OR_RETURN(nlohmann::json config, ParseJsonText(config_json, config_file));
   if (!config.is_object()) {
     return InvalidArgument("tokenizer: " + config_file + " must hold a JSON object");
   }
@@ -710,8 +727,9 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& model_di
   }
 
   const fs::path added_path = dir / "added_tokens.json";
-  if (fs::exists(added_path, ec)) {
-    VTW_ASSIGN_OR_RETURN(nlohmann::json extra, ReadJson(added_path, ""));
+  if (added_tokens_json) {
+    VTW_ASSIGN_OR_RETURN(nlohmann::json extra,
+                         ParseJsonText(*added_tokens_json, added_path.string()));
     if (!extra.is_object()) {
       return InvalidArgument("tokenizer: " + added_path.string() +
                              " must map token strings to ids; fix or delete it");

@@ -41,6 +41,15 @@ class Tokenizer {
   // say what to do.
   static StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& model_dir);
 
+  // Load's parsing over file contents already in memory: `model_bytes` is tokenizer.model,
+  // `config_json` tokenizer_config.json and `added_tokens_json` added_tokens.json (nullopt when
+  // the file is absent); `model_dir` only names the files in messages. The same errors as Load
+  // apart from the file-system ones. Load reads the files and calls this; the fuzz tests call it
+  // with arbitrary bytes.
+  static StatusOr<std::unique_ptr<Tokenizer>> LoadFromMemory(
+      std::string_view model_bytes, std::string_view config_json,
+      std::optional<std::string_view> added_tokens_json, const std::string& model_dir);
+
   ~Tokenizer();
   Tokenizer(const Tokenizer&) = delete;
   Tokenizer& operator=(const Tokenizer&) = delete;
