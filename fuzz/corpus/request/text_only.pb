@@ -1,0 +1,1 @@
+What color is the circle?

@@ -1,0 +1,6 @@
+// libFuzzer entry points of the "tokenizer_model" target. The body,
+// vtw::fuzz::TokenizerModelTarget, lives in fuzz_targets.cc so that tests/fuzz_regression_test.cc
+// runs the same code.
+#include "fuzz/fuzz_targets.h"
+
+VTW_DEFINE_FUZZER(tokenizer_model)
