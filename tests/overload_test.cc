@@ -227,10 +227,12 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
 
   // Memory stays bounded. The first half includes the warm-up a long-running server does once
   // (allocator arenas, the image cache filling with the 8 oracle images, gRPC buffers for the
-  // peak number of concurrent calls); a leak per request grows with the request count instead,
-  // and the second half serves as many requests as the first. 1.5x + 50 MB tolerates allocator
-  // noise; a leak of a KV cache, image tensor or call object per request (tens of KB and up,
-  // thousands of requests per half) breaks it.
+  // peak number of concurrent calls, already reached after a second of 2x load); a leak per
+  // request grows with the request count instead, and the second half serves as many requests as
+  // the first. The bound, 1.2x + 32 MB of the first half's maximum, is ~70 MB of growth for the
+  // ~200 MB this server has: over two orders of magnitude above the measured difference (< 1 MB,
+  // docs/RELIABILITY.md), yet at the ~13,000 requests a 30 s half sees here, a leak of ~6 KB per
+  // request (a KV cache, a pixel tensor or a call object) exceeds it.
   int64_t first_max = 0, second_max = 0;
   for (const auto& [t, bytes] : rss) {
     int64_t& half = t < seconds / 2 ? first_max : second_max;
@@ -238,7 +240,7 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
   }
   ASSERT_GT(first_max, 0);
   ASSERT_GT(second_max, 0);
-  EXPECT_LE(static_cast<double>(second_max), 1.5 * static_cast<double>(first_max) + 50e6)
+  EXPECT_LE(static_cast<double>(second_max), 1.2 * static_cast<double>(first_max) + 32e6)
       << "RSS grew: first half max " << first_max << " bytes, second half max " << second_max;
 
   const double ok_rate = Count(client_overload, "OK") / seconds;
