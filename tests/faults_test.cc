@@ -169,7 +169,7 @@ TEST(Faults, SigtermDuringOverloadLosesNoRequest) {
   options.max_new_tokens = 48;
   LoadGenerator load(server->grpc_addr(), options);
   std::atomic<bool> stop{false};
-  // Far above capacity (~60 requests/s of 48 tokens here): the queue is full when SIGTERM comes.
+  // ~4x capacity (~75 requests/s of 48 tokens here): the queue is full when SIGTERM comes.
   std::thread generator([&] { load.RunOpenLoop(300, 60, &stop); });
   std::this_thread::sleep_for(std::chrono::seconds(3));
   const auto sigterm_at = SteadyClock::now();
