@@ -827,7 +827,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
   const bool tty = isatty(fileno(stderr)) && log == &std::cerr;
   const bool profile = std::getenv("VTW_TRAIN_PROFILE") != nullptr;
   const int end_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
-  const auto loop_start = Clock::now();
+  auto loop_start = Clock::now();  // reset after the vision stage: rates and ETA of the main steps
   const int first_step = step;
   double ema_loss = -1, ema_acc = -1, ema_aux_kind = -1;
   int64_t tokens_done = 0;
@@ -923,6 +923,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
     }
     // The main stage's optimizer starts fresh (its moments would otherwise be empty for the
     // decoder and stale for the vision side alike).
+    loop_start = Clock::now();
   }
 
   for (; step < end_step; ++step) {
