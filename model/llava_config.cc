@@ -1,8 +1,12 @@
 #include "model/llava_config.h"
 
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -25,9 +29,61 @@ Status Read(const json& obj, const char* key, T* out, const std::string& where) 
   return Status::Ok();
 }
 
-Status RequirePositive(int value, const char* key, const std::string& where) {
-  if (value <= 0) return InvalidArgument(where + ": '" + key + "' must be positive, got " +
-                                         std::to_string(value));
+// A JSON number as an int: an integer, or a float with an integral value (64.0), within int's
+// range. false for anything else (a bare static_cast of 1e300 or 2^40 would be undefined or wrap).
+bool JsonToInt(const json& v, int* out) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int>::max())) return false;
+    *out = static_cast<int>(u);
+    return true;
+  }
+  if (v.is_number_integer()) {
+    const int64_t i = v.get<int64_t>();
+    if (i < std::numeric_limits<int>::min() || i > std::numeric_limits<int>::max()) return false;
+    *out = static_cast<int>(i);
+    return true;
+  }
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (!std::isfinite(d) || d != std::trunc(d) || d < std::numeric_limits<int>::min() ||
+        d > std::numeric_limits<int>::max()) {
+      return false;
+    }
+    *out = static_cast<int>(d);
+    return true;
+  }
+  return false;
+}
+
+template <>
+Status Read<int>(const json& obj, const char* key, int* out, const std::string& where) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return Status::Ok();
+  if (!JsonToInt(*it, out)) {
+    return InvalidArgument(where + ": field '" + key + "' is not an integer in int range (" +
+                           it->dump() + ")");
+  }
+  return Status::Ok();
+}
+
+// Upper bounds far above any real checkpoint that keep every derived size (patches, q/kv widths,
+// image tokens) within int and reject nonsense before anything is allocated from it.
+constexpr int kMaxWidth = 1 << 20;           // hidden, intermediate and head sizes
+constexpr int kMaxLayers = 4096;
+constexpr int kMaxVocab = 1 << 24;           // the tokenizer's own limit
+constexpr int kMaxPositions = 1 << 26;
+constexpr int kMaxImageSize = 16384;         // preprocessor_config.json's limit too
+
+Status RequireInRange(int value, int max, const char* key, const std::string& where) {
+  if (value <= 0) {
+    return InvalidArgument(where + ": '" + key + "' must be positive, got " +
+                           std::to_string(value));
+  }
+  if (value > max) {
+    return InvalidArgument(where + ": '" + key + "' = " + std::to_string(value) +
+                           " is implausibly large (the limit is " + std::to_string(max) + ")");
+  }
   return Status::Ok();
 }
 
@@ -47,13 +103,14 @@ Status ParseVision(const json& j, const std::string& where, VisionConfig* v) {
   VTW_RETURN_IF_ERROR(Read(j, "patch_size", &v->patch_size, where));
   VTW_RETURN_IF_ERROR(Read(j, "hidden_act", &v->hidden_act, where));
   VTW_RETURN_IF_ERROR(Read(j, "layer_norm_eps", &v->layer_norm_eps, where));
-  for (auto [key, val] : {std::pair{"vision_config.hidden_size", v->hidden_size},
-                          {"vision_config.intermediate_size", v->intermediate_size},
-                          {"vision_config.num_hidden_layers", v->num_hidden_layers},
-                          {"vision_config.num_attention_heads", v->num_attention_heads},
-                          {"vision_config.image_size", v->image_size},
-                          {"vision_config.patch_size", v->patch_size}}) {
-    VTW_RETURN_IF_ERROR(RequirePositive(val, key, where));
+  for (auto [key, val, max] : {std::tuple{"vision_config.hidden_size", v->hidden_size, kMaxWidth},
+                               {"vision_config.intermediate_size", v->intermediate_size, kMaxWidth},
+                               {"vision_config.num_hidden_layers", v->num_hidden_layers, kMaxLayers},
+                               {"vision_config.num_attention_heads", v->num_attention_heads,
+                                kMaxWidth},
+                               {"vision_config.image_size", v->image_size, kMaxImageSize},
+                               {"vision_config.patch_size", v->patch_size, kMaxImageSize}}) {
+    VTW_RETURN_IF_ERROR(RequireInRange(val, max, key, where));
   }
   if (v->hidden_act != "quick_gelu" && v->hidden_act != "gelu") {
     return InvalidArgument(where + ": vision_config.hidden_act '" + v->hidden_act +
@@ -85,8 +142,8 @@ Status ParseText(const json& j, const std::string& where, TextConfig* t) {
   VTW_RETURN_IF_ERROR(Read(j, "num_attention_heads", &t->num_attention_heads, where));
   t->num_key_value_heads = t->num_attention_heads;
   VTW_RETURN_IF_ERROR(Read(j, "num_key_value_heads", &t->num_key_value_heads, where));
-  VTW_RETURN_IF_ERROR(RequirePositive(t->num_attention_heads, "text_config.num_attention_heads",
-                                      where));
+  VTW_RETURN_IF_ERROR(RequireInRange(t->num_attention_heads, kMaxWidth,
+                                     "text_config.num_attention_heads", where));
   t->head_dim = t->hidden_size / t->num_attention_heads;
   VTW_RETURN_IF_ERROR(Read(j, "head_dim", &t->head_dim, where));
   VTW_RETURN_IF_ERROR(Read(j, "max_position_embeddings", &t->max_position_embeddings, where));
@@ -94,17 +151,25 @@ Status ParseText(const json& j, const std::string& where, TextConfig* t) {
   VTW_RETURN_IF_ERROR(Read(j, "rope_theta", &t->rope_theta, where));
   VTW_RETURN_IF_ERROR(Read(j, "tie_word_embeddings", &t->tie_word_embeddings, where));
   VTW_RETURN_IF_ERROR(Read(j, "bos_token_id", &t->bos_token_id, where));
+  // A list of EOS ids (newer HF configs) keeps the default; the tokenizer's EOS is what stops.
   if (j.contains("eos_token_id") && j["eos_token_id"].is_number_integer()) {
-    t->eos_token_id = j["eos_token_id"].get<int>();
+    VTW_RETURN_IF_ERROR(Read(j, "eos_token_id", &t->eos_token_id, where));
   }
-  for (auto [key, val] : {std::pair{"text_config.vocab_size", t->vocab_size},
-                          {"text_config.hidden_size", t->hidden_size},
-                          {"text_config.intermediate_size", t->intermediate_size},
-                          {"text_config.num_hidden_layers", t->num_hidden_layers},
-                          {"text_config.num_key_value_heads", t->num_key_value_heads},
-                          {"text_config.head_dim", t->head_dim},
-                          {"text_config.max_position_embeddings", t->max_position_embeddings}}) {
-    VTW_RETURN_IF_ERROR(RequirePositive(val, key, where));
+  for (auto [key, val, max] :
+       {std::tuple{"text_config.vocab_size", t->vocab_size, kMaxVocab},
+        {"text_config.hidden_size", t->hidden_size, kMaxWidth},
+        {"text_config.intermediate_size", t->intermediate_size, kMaxWidth},
+        {"text_config.num_hidden_layers", t->num_hidden_layers, kMaxLayers},
+        {"text_config.num_key_value_heads", t->num_key_value_heads, kMaxWidth},
+        {"text_config.head_dim", t->head_dim, kMaxWidth},
+        {"text_config.max_position_embeddings", t->max_position_embeddings, kMaxPositions}}) {
+    VTW_RETURN_IF_ERROR(RequireInRange(val, max, key, where));
+  }
+  if (int64_t{t->num_attention_heads} * t->head_dim > kMaxWidth) {
+    return InvalidArgument(where + ": num_attention_heads * head_dim = " +
+                           std::to_string(int64_t{t->num_attention_heads} * t->head_dim) +
+                           " is implausibly large (the limit is " + std::to_string(kMaxWidth) +
+                           ")");
   }
   if (t->num_attention_heads % t->num_key_value_heads != 0) {
     return InvalidArgument(where + ": num_attention_heads (" +

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fuzz/fuzz_targets.h"
+#include "model/llava_config.h"
 
 namespace vtw::fuzz {
 namespace {
@@ -106,6 +107,22 @@ TEST(FuzzTargets, EveryFuzzerSourceIsRegistered) {
   std::sort(names.begin(), names.end());
   std::sort(sources.begin(), sources.end());
   EXPECT_EQ(sources, names);
+}
+
+// Findings of the llava_config target: out-of-range numbers and sizes whose products overflow
+// int are rejected with a message, not cast (undefined behaviour) or multiplied out.
+TEST(FuzzFindings, LlavaConfigRejectsOutOfRangeNumbers) {
+  for (const fs::path& file : FilesIn(RegressionDir("llava_config"))) {
+    SCOPED_TRACE(file.string());
+    auto config = ParseLlavaConfigText(ReadAll(file), "config.json");
+    ASSERT_FALSE(config.ok());
+    EXPECT_EQ(config.status().code(), StatusCode::kInvalidArgument);
+  }
+  auto ok = ParseLlavaConfigText(R"({"model_type": "llava", "text_config": {"hidden_size": 64.0,
+      "num_attention_heads": 4, "vocab_size": 100}})", "config.json");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->text.hidden_size, 64);
+  EXPECT_EQ(ok->text.head_dim, 16);
 }
 
 // scripts/fuzz.sh passes each target's -max_len from its own table; it must match the registry.
