@@ -45,10 +45,11 @@ done
 
 # -O1 with asserts on (no NDEBUG) and line tables only: fast enough, readable stacks.
 echo "[fuzz] configuring $BUILD (clang, VTW_FUZZ=ON)" >&2
+mkdir -p "$BUILD"
 CC=clang CXX=clang++ cmake -S . -B "$BUILD" -G Ninja -DVTW_FUZZ=ON -DVTW_BUILD_TESTS=OFF \
     -DVTW_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1" >"$BUILD.configure.log" 2>&1 \
-  || { cat "$BUILD.configure.log" >&2; exit 2; }
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1" >"$BUILD/configure.log" 2>&1 \
+  || { cat "$BUILD/configure.log" >&2; exit 2; }
 targets_to_build=()
 for t in "${TARGETS[@]}"; do targets_to_build+=("${t}_fuzz"); done
 echo "[fuzz] building ${targets_to_build[*]} (-j$JOBS)" >&2
