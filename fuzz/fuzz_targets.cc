@@ -44,6 +44,15 @@ namespace {
     if (!(cond)) CheckFailed(__FILE__, __LINE__, #cond, (what)); \
   } while (0)
 
+// VTW_FUZZ_VERBOSE=1 prints why each input was rejected (for triage and corpus checks).
+void Rejected(const char* target, const Status& status) {
+  static const bool verbose = [] {
+    const char* env = std::getenv("VTW_FUZZ_VERBOSE");
+    return env != nullptr && *env != '\0' && std::string(env) != "0";
+  }();
+  if (verbose) std::fprintf(stderr, "[%s] rejected: %s\n", target, status.ToString().c_str());
+}
+
 std::string_view AsText(const uint8_t* data, size_t size) {
   return size == 0 ? std::string_view()
                    : std::string_view(reinterpret_cast<const char*>(data), size);
@@ -184,6 +193,7 @@ std::string TestDataDir() {
 void SafetensorsTarget(const uint8_t* data, size_t size) {
   auto file = SafetensorsFile::FromBytes(std::string(AsText(data, size)), "fuzz.safetensors");
   if (!file.ok()) {
+    Rejected("safetensors", file.status());
     FUZZ_CHECK(!file.status().message().empty(), "an error without a message");
     return;
   }
@@ -229,6 +239,7 @@ void SafetensorsTarget(const uint8_t* data, size_t size) {
 void ShardIndexTarget(const uint8_t* data, size_t size) {
   auto index = ParseShardIndex(AsText(data, size), "shard index fuzz: ");
   if (!index.ok()) {
+    Rejected("shard_index", index.status());
     FUZZ_CHECK(index.status().code() == StatusCode::kDataLoss, index.status().ToString());
     return;
   }
@@ -246,6 +257,7 @@ void ShardIndexTarget(const uint8_t* data, size_t size) {
 void LlavaConfigTarget(const uint8_t* data, size_t size) {
   auto config = ParseLlavaConfigText(AsText(data, size), "config.json");
   if (!config.ok()) {
+    Rejected("llava_config", config.status());
     FUZZ_CHECK(config.status().code() == StatusCode::kInvalidArgument, config.status().ToString());
     return;
   }
@@ -279,6 +291,7 @@ void ImageTarget(const uint8_t* data, size_t size) {
   limits.max_pixels = kFuzzMaxPixels;
   auto rgb = DecodeImage(bytes, limits);
   if (!rgb.ok()) {
+    Rejected("image", rgb.status());
     const StatusCode code = rgb.status().code();
     FUZZ_CHECK(code == StatusCode::kInvalidArgument || code == StatusCode::kResourceExhausted,
                rgb.status().ToString());
@@ -357,6 +370,7 @@ void TokenizerModelTarget(const uint8_t* data, size_t size) {
   const TokenizerFiles& files = OracleTokenizerFiles();
   auto tok = Tokenizer::LoadFromMemory(AsText(data, size), files.config, files.added, "fuzz");
   if (!tok.ok()) {
+    Rejected("tokenizer_model", tok.status());
     FUZZ_CHECK(!tok.status().message().empty(), "an error without a message");
     return;
   }
@@ -379,6 +393,7 @@ void RequestTarget(const uint8_t* data, size_t size) {
   limits.image.max_pixels = kFuzzMaxPixels;
   auto request = BuildRequest(bundle, wire, limits);
   if (!request.ok()) {
+    Rejected("request", request.status());
     const grpc::Status status = ToGrpcStatus(request.status());
     FUZZ_CHECK(!status.ok(), "a rejected request maps to gRPC OK");
     FUZZ_CHECK(!request.status().message().empty(), "an error without a message");
