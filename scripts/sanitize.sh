@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Builds the unit and integration tests with sanitizers and runs them; exits non-zero when a test
+# fails or any sanitizer reports anything (in the test process or in a vtw-server / vtw process a
+# test started). docs/RELIABILITY.md#sanitizers has what is covered, the findings and timings.
+#
+# Usage: scripts/sanitize.sh [asan|tsan|all]      (default: all)
+#   asan  build-asan/: clang, -fsanitize=address,undefined (VTW_SANITIZE=ON), -O1, line tables;
+#         every tests/*_test.cc binary, LeakSanitizer on, UB fatal.
+#   tsan  build-tsan/: clang, -fsanitize=thread (VTW_TSAN=ON), -O1, line tables; the threaded
+#         tests (engine thread, gRPC reactors, the real server process) with OMP_NUM_THREADS=1.
+# Environment:
+#   SANITIZE_JOBS        build parallelism (default 1)
+#   SANITIZE_ASAN_TESTS  test binaries for asan (default: every tests/*_test.cc)
+#   SANITIZE_TSAN_TESTS  test binaries for tsan (default: see TSAN_TESTS below)
+#   SANITIZE_TIMEOUT     seconds per test binary (default 2400)
+#   ASAN_OPTIONS, UBSAN_OPTIONS, LSAN_OPTIONS, TSAN_OPTIONS: appended to the defaults below
+#   (later options win).
+#
+# Not part of CI (scripts/test.sh): the two builds and runs take far longer than CI's budget on
+# the 2-core machine (timings in docs/RELIABILITY.md). Needs clang and its sanitizer runtimes:
+#   apt-get install clang libclang-rt-14-dev llvm      (llvm-symbolizer for readable stacks)
+#
+# Sanitizer reports are written with log_path to BUILD/sanitizer-logs/<test>/report.<pid> (one file
+# per reporting process, so reports from child processes are caught too) and printed at the end;
+# each test binary's output is in BUILD/sanitizer-logs/<test>.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+MODE="${1:-all}"
+case "$MODE" in asan|tsan|all) ;; *) echo "usage: $0 [asan|tsan|all]" >&2; exit 2 ;; esac
+JOBS="${SANITIZE_JOBS:-1}"
+TIMEOUT="${SANITIZE_TIMEOUT:-2400}"
+
+command -v clang++ >/dev/null || { echo "[sanitize] clang++ not found: apt-get install clang libclang-rt-14-dev llvm" >&2; exit 2; }
+command -v ninja >/dev/null || { echo "[sanitize] ninja not found (scripts/install-deps.sh)" >&2; exit 2; }
+
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  ALL_TESTS=$(git ls-files 'tests/*_test.cc' | xargs -n1 basename | sed 's/\.cc$//' | tr '\n' ' ')
+else
+  ALL_TESTS=$(ls tests/*_test.cc | xargs -n1 basename | sed 's/\.cc$//' | tr '\n' ' ')
+fi
+# The parts with more than one thread: the engine thread and its queue (server_test runs the
+# real gRPC server in-process; scheduler_test the admission and the image cache), the reactors
+# and the real vtw-server process (server_ops_test, faults_test, clients_test, security_test).
+TSAN_TESTS_DEFAULT="scheduler_test server_test server_ops_test faults_test clients_test security_test"
+
+# Tests (gtest filters) left out per build, each with the reason printed in the summary.
+declare -A EXCLUDE_FILTER=() EXCLUDE_REASON=()
+exclude() {  # build test filter reason
+  EXCLUDE_FILTER["$1/$2"]="$3"
+  EXCLUDE_REASON["$1/$2"]="$4"
+}
+# ldd of sanitizer binaries is not what the runtime image ships (and the clang runtime is
+# static): the check is about the release build, which scripts/test.sh runs it on.
+exclude asan runtime_deps_test '*' "checks the release binaries' shared libraries against the runtime image; meaningless for sanitizer builds (run by scripts/test.sh)"
+
+symbolizer=$(command -v llvm-symbolizer || command -v llvm-symbolizer-14 || true)
+SUPP="$ROOT/scripts/sanitizers"
+export OMP_NUM_THREADS=1          # as ctest runs the tests (CMakeLists.txt); required for TSan
+export VTW_TEST_DATA_DIR="$ROOT/tests/data"
+
+summary=()
+failed=0
+
+configure_and_build() {  # build_dir sanitizer_option tests...
+  local dir=$1 option=$2; shift 2
+  local start=$SECONDS
+  if [ ! -f "$dir/build.ninja" ]; then
+    echo "[sanitize] configuring $dir ($option=ON, clang, -O1)" >&2
+    mkdir -p "$dir"
+    CC=clang CXX=clang++ cmake -S . -B "$dir" -G Ninja "-D$option=ON" -DVTW_BUILD_BENCH=OFF \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" >"$dir/sanitize-configure.log" 2>&1 \
+      || { cat "$dir/sanitize-configure.log" >&2; return 1; }
+  fi
+  echo "[sanitize] building in $dir (-j$JOBS): vtw-server vtw $*" >&2
+  ninja -C "$dir" -j "$JOBS" vtw-server vtw "$@" >&2 || return 1
+  echo "[sanitize] $dir built in $((SECONDS - start)) s" >&2
+}
+
+# Runs each test binary once (all its cases in one process), counts gtest results and the
+# sanitizer report files written under its log directory.
+run_tests() {  # kind build_dir tests...
+  local kind=$1 dir=$2; shift 2
+  local logs="$dir/sanitizer-logs"
+  rm -rf "$logs"; mkdir -p "$logs"
+  local start=$SECONDS total_run=0 total_passed=0 total_failed=0 total_skipped=0 total_reports=0
+  local t
+  for t in "$@"; do
+    local key="$kind/$t" filter="" note=""
+    if [ -n "${EXCLUDE_FILTER[$key]:-}" ]; then
+      if [ "${EXCLUDE_FILTER[$key]}" = '*' ]; then
+        echo "[sanitize] $kind: $t excluded: ${EXCLUDE_REASON[$key]}" >&2
+        summary+=("$kind  $t: excluded: ${EXCLUDE_REASON[$key]}")
+        continue
+      fi
+      filter="--gtest_filter=-${EXCLUDE_FILTER[$key]}"
+      note=" (excluded ${EXCLUDE_FILTER[$key]}: ${EXCLUDE_REASON[$key]})"
+    fi
+    mkdir -p "$logs/$t"
+    local log="$logs/$t.log" tstart=$SECONDS rc
+    echo "[sanitize] $kind: $t$note" >&2
+    (
+      cd "$dir" || exit 2
+      export ASAN_OPTIONS="log_path=$ROOT/$logs/$t/report:$ASAN_DEFAULT${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+      export UBSAN_OPTIONS="log_path=$ROOT/$logs/$t/report:$UBSAN_DEFAULT${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+      export LSAN_OPTIONS="$LSAN_DEFAULT${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+      export TSAN_OPTIONS="log_path=$ROOT/$logs/$t/report:$TSAN_DEFAULT${TSAN_OPTIONS:+:$TSAN_OPTIONS}"
+      exec timeout -k 10 "$TIMEOUT" "./$t" $filter
+    ) >"$log" 2>&1
+    rc=$?
+    local passed skipped failed_n ran reports
+    passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+    skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+    failed_n=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+    ran=$(sed -n 's/^\[==========\] \([0-9]*\) tests\? from .* ran\..*/\1/p' "$log" | tail -1)
+    reports=$(find "$logs/$t" -type f -name 'report.*' | wc -l)
+    passed=${passed:-0}; skipped=${skipped:-0}; failed_n=${failed_n:-0}; ran=${ran:-0}
+    # A test binary that died (sanitizer abort, timeout) prints no totals: count it as a failure.
+    local status=ok
+    if [ "$rc" -ne 0 ] || [ "$reports" -gt 0 ] || [ "$failed_n" -gt 0 ]; then status=FAIL; failed=1; fi
+    [ "$rc" -ne 0 ] && [ "$ran" = 0 ] && failed_n=1
+    total_run=$((total_run + ran)); total_passed=$((total_passed + passed))
+    total_failed=$((total_failed + failed_n)); total_skipped=$((total_skipped + skipped))
+    total_reports=$((total_reports + reports))
+    summary+=("$kind  $t: $status rc=$rc ran=$ran passed=$passed skipped=$skipped failed=$failed_n sanitizer_reports=$reports $((SECONDS - tstart))s$note")
+    if [ "$status" = FAIL ]; then
+      echo "[sanitize] $kind: $t FAILED (rc=$rc, $reports sanitizer report(s)); log: $log" >&2
+      grep -E '^\[  FAILED  \]' "$log" | sort -u >&2
+      local f
+      for f in $(find "$logs/$t" -type f -name 'report.*' | sort | head -5); do
+        echo "----- $f (first 60 lines)" >&2
+        head -60 "$f" >&2
+      done
+    fi
+  done
+  summary+=("$kind  TOTAL: ran=$total_run passed=$total_passed skipped=$total_skipped failed=$total_failed sanitizer_reports=$total_reports, tests took $((SECONDS - start))s")
+}
+
+ASAN_DEFAULT="detect_leaks=1:abort_on_error=1:check_initialization_order=1:detect_stack_use_after_return=1"
+UBSAN_DEFAULT="print_stacktrace=1:halt_on_error=1:suppressions=$SUPP/ubsan.supp"
+LSAN_DEFAULT="suppressions=$SUPP/lsan.supp:print_suppressions=0"
+TSAN_DEFAULT="suppressions=$SUPP/tsan.supp:halt_on_error=1:second_deadlock_stack=1:history_size=4"
+if [ -n "$symbolizer" ]; then
+  ASAN_DEFAULT="$ASAN_DEFAULT:external_symbolizer_path=$symbolizer"
+  UBSAN_DEFAULT="$UBSAN_DEFAULT:external_symbolizer_path=$symbolizer"
+  TSAN_DEFAULT="$TSAN_DEFAULT:external_symbolizer_path=$symbolizer"
+fi
+
+if [ "$MODE" = asan ] || [ "$MODE" = all ]; then
+  read -r -a tests <<<"${SANITIZE_ASAN_TESTS:-$ALL_TESTS}"
+  if configure_and_build build-asan VTW_SANITIZE "${tests[@]}"; then
+    run_tests asan build-asan "${tests[@]}"
+  else
+    summary+=("asan  BUILD FAILED"); failed=1
+  fi
+fi
+if [ "$MODE" = tsan ] || [ "$MODE" = all ]; then
+  read -r -a tests <<<"${SANITIZE_TSAN_TESTS:-$TSAN_TESTS_DEFAULT}"
+  if configure_and_build build-tsan VTW_TSAN "${tests[@]}"; then
+    run_tests tsan build-tsan "${tests[@]}"
+  else
+    summary+=("tsan  BUILD FAILED"); failed=1
+  fi
+fi
+
+echo "[sanitize] summary (total ${SECONDS}s):"
+printf '  %s\n' "${summary[@]}"
+if [ "$failed" -ne 0 ]; then
+  echo "[sanitize] FAILED: a test failed or a sanitizer reported something (see above)"
+  exit 1
+fi
+echo "[sanitize] OK: no test failed and no sanitizer report"
