@@ -18,6 +18,7 @@ import os
 import sys
 
 ETAS = (0.003, 0.01, 0.05)
+ETA = 0.003  # the primary eta: its K is "the calibrated K" (--eta)
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f"]
 
@@ -239,7 +240,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--eta", type=float, default=0.003,
+                    help="the calibration threshold whose K is 'the calibrated K' (one of %s)" % (ETAS,))
     args = ap.parse_args()
+    global ETA
+    if args.eta not in ETAS:
+        ap.error("--eta must be one of %s" % (ETAS,))
+    ETA = args.eta
     work = args.work
     meta = load(work, "meta")
     ev = load(work, "eval_withdraw")
@@ -321,7 +328,7 @@ def main():
                        {"name": "blank image, full model", "y": 100 * blank_acc, "color": "#bbb"}])
 
     # --- numbers for the text ---
-    k003 = picked.get(0.003, L)
+    k003 = picked.get(ETA, L)  # the calibrated K at the primary eta
     acc_off = off["accuracy"]
     min_type = min(types, key=lambda t: off["per_type"][t]["accuracy"])
     at_k = res[k003]
@@ -389,12 +396,12 @@ def main():
     w("- Full model (VTW off): **%s%%** accuracy; lowest type `%s` at %s%%. Acceptance (>= 90%% "
       "overall, >= 80%% every type): %s."
       % (pct(acc_off), min_type, pct(off["per_type"][min_type]["accuracy"]), yesno(acc_ok)))
-    w("- Calibrated K (eta = 0.003, %d samples): **K = %s** of %d layers. On the test set: "
+    w("- Calibrated K (eta = %g, %d samples): **K = %s** of %d layers. On the test set: "
       "accuracy %s%% (%+.1f points vs off), **%.1f%% of prefill FLOPs saved** (%.1f%% of all FLOPs "
       "incl. vision and decoding). Acceptance (>= 40%% saved, <= 1 point lost): %s."
-      % (calib["num_samples"], kname(k003, L), L, pct(at_k["accuracy"]), -loss_pts, saved,
+      % (ETA, calib["num_samples"], kname(k003, L), L, pct(at_k["accuracy"]), -loss_pts, saved,
          at_k["flops_saved_pct"], yesno(vtw_ok)))
-    for e in ETAS[1:]:
+    for e in [e for e in ETAS if e != ETA]:
         k = picked.get(e, L)
         r = res[k]
         w("- eta = %g: K = %s -> accuracy %s%% (%+.1f points), %.1f%% prefill saved."
@@ -481,9 +488,9 @@ def main():
       "< %d gives %s%% (full model %s%%, blank image %s%%, K = 0 %s%%). %s"
       % (kk, " (the calibrated K)" if kk == k003 else "", kk, pct(wk), kk, pct(bk), pct(acc_off),
          pct(blank_acc), pct(r0["accuracy"]), verdict))
-    w("- **Calibration vs test**: the KL rule picked K = %s at eta 0.003; the test-set accuracy at "
+    w("- **Calibration vs test**: the KL rule picked K = %s at eta %g; the test-set accuracy at "
       "that K is %s the full model's (%+.1f points)."
-      % (kname(k003, L), "within 1 point of" if loss_pts <= 1.0 else "more than 1 point below", -loss_pts))
+      % (kname(k003, L), ETA, "within 1 point of" if loss_pts <= 1.0 else "more than 1 point below", -loss_pts))
     w("")
     w("## Accuracy and compute per withdrawal layer K (test set)")
     w("")
@@ -500,7 +507,7 @@ def main():
                 "%.1f" % (1000 * r["seconds_per_example"])]
         w("| " + " | ".join(row) + " |")
     w("")
-    w("Bold: the K calibrated at eta = 0.003. 'mean KL (test)': KL(p_vtw || p_full) of the first "
+    w("Bold: the K calibrated at eta = %g. " % ETA + "'mean KL (test)': KL(p_vtw || p_full) of the first "
       "answer token over all test questions; 'mean KL (calib.)': the calibration's mean over its "
       "samples (the number the rule uses). Time: single-sequence greedy generation on this CPU "
       "(depends on the machine's load), image encoding excluded (%.1f s for %d images)." % (ev["encode_seconds"], ev["num_images"]))
@@ -522,9 +529,10 @@ def main():
         w("| " + " | ".join(row) + " |")
     w("")
     w("Per-type columns: task profiles from `vtw calibrate --by-type` (the first %d samples of each "
-      "type). With the profiles at eta = 0.003, the test set gives:" % calib["num_samples"])
+      "type). With the profiles at eta = %g, the test set gives:" % (calib["num_samples"], ETA))
     w("")
-    prof = {t: calib_bt["by_type"][t]["picked"][0]["layer"] for t in calib_bt.get("by_type", {})}
+    ei = list(calib["etas"]).index(ETA)
+    prof = {t: calib_bt["by_type"][t]["picked"][ei]["layer"] for t in calib_bt.get("by_type", {})}
     n_all = sum(off["per_type"][t]["count"] for t in types)
     corr = sum(res[prof.get(t, k003)]["per_type"][t]["correct"] for t in types)
     fl = sum(res[prof.get(t, k003)]["per_type"][t]["mean_prefill_flops"] * off["per_type"][t]["count"] for t in types)

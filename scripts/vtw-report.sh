@@ -113,5 +113,10 @@ cat >"$WORK/meta.json" <<EOF
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "host_cpus": $(nproc)}
 EOF
 step "writing $OUT"
-python3 "$SCRIPT_DIR/plot_report.py" --work "$WORK" --out "$OUT"
+# The primary eta (its K is "the calibrated K"): the one the model's vtw.json was calibrated at,
+# else the paper's 0.003.
+ETA=$(python3 -c 'import json,sys
+try: print(json.load(open(sys.argv[1])).get("eta", 0.003))
+except OSError: print(0.003)' "$MODEL/vtw.json")
+python3 "$SCRIPT_DIR/plot_report.py" --work "$WORK" --out "$OUT" --eta "$ETA"
 echo "$OUT" >&2

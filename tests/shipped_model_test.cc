@@ -1,0 +1,68 @@
+// The shipped model (models/vtw-shapes) on a fixed held-out subset of the synthetic task, run
+// the way a user runs it: `vtw dataset` writes the first 360 questions of the test split (seed 7,
+// never seen in training: the trainer uses the train/val splits of data seed 1), then `vtw eval`
+// scores them with VTW off and at the calibrated K stored in the model directory (vtw.json).
+// Acceptance bars of the shipped model: >= 90% overall and >= 80% on every question type with
+// VTW off; at the calibrated K >= 40% of prefill FLOPs saved and <= 1 point of accuracy lost.
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/util/oracle.h"
+#include "tests/util/subprocess.h"
+
+namespace vtw {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using testing::FreshTestDir;
+using testing::ProcessResult;
+using testing::RunProcess;
+using testing::VtwBinary;
+
+TEST(ShippedModel, MeetsTheAccuracyBarsWithVtwOffAndAtTheCalibratedK) {
+  const std::string model = std::string(VTW_SOURCE_DIR) + "/models/vtw-shapes";
+  std::ifstream vtw_json(model + "/vtw.json");
+  ASSERT_TRUE(vtw_json) << "the shipped model has no vtw.json (run vtw calibrate --write)";
+  const json settings = json::parse(vtw_json);
+  ASSERT_TRUE(settings.contains("default_layer") && settings["default_layer"].is_number_integer())
+      << settings.dump();
+  const int k = settings["default_layer"].get<int>();
+
+  const std::string dir = FreshTestDir("shipped_model").string();
+  ProcessResult data = RunProcess({VtwBinary(), "dataset", "--out", dir, "--split", "test",
+                                   "--count", "360", "--seed", "7"});
+  ASSERT_EQ(data.exit_code, 0) << data.err;
+  ProcessResult eval =
+      RunProcess({VtwBinary(), "eval", "--model", model, "--data", dir + "/test.jsonl",
+                  "--vtw-layer", "off," + std::to_string(k), "--json", "--no-progress"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const json j = json::parse(eval.out);
+  ASSERT_EQ(j["num_examples"], 360);
+  ASSERT_EQ(j["results"].size(), 2u) << j.dump();
+  const json* off = nullptr;
+  const json* at_k = nullptr;
+  for (const json& r : j["results"]) (r["vtw_layer"].is_null() ? off : at_k) = &r;
+  ASSERT_TRUE(off != nullptr && at_k != nullptr) << j.dump();
+  ASSERT_EQ((*at_k)["vtw_layer"], k);
+
+  const double acc_off = (*off)["accuracy"].get<double>();
+  const double acc_k = (*at_k)["accuracy"].get<double>();
+  std::cout << "shipped model, 360 held-out questions: VTW off " << acc_off << ", K=" << k << " "
+            << acc_k << " (prefill FLOPs saved " << (*at_k)["prefill_flops_saved_pct"] << "%)\n";
+  EXPECT_GE(acc_off, 0.90) << off->dump(2);
+  ASSERT_EQ((*off)["per_type"].size(), 6u) << off->dump(2);
+  for (const auto& [type, r] : (*off)["per_type"].items()) {
+    EXPECT_GE(r["count"].get<int>(), 40) << type;
+    EXPECT_GE(r["accuracy"].get<double>(), 0.80) << type << ": " << r.dump();
+  }
+  EXPECT_GE((*at_k)["prefill_flops_saved_pct"].get<double>(), 40.0) << at_k->dump(2);
+  EXPECT_GE(acc_k, acc_off - 0.01) << at_k->dump(2);
+}
+
+}  // namespace
+}  // namespace vtw
