@@ -9,8 +9,9 @@
 //              [--kv-budget-bytes B] [--out PREFIX]
 //
 // Modes: off = VTW_MODE_OFF; default = VTW_MODE_DEFAULT (the model's calibrated K from vtw.json);
-// mix = VTW_MODE_LAYER with each request's K = the vtw.json profile layer of its question type
-// (a mix of per-request K in one batch). Every request: greedy, ignore_eos, max_new_tokens tokens.
+// mix = VTW_MODE_LAYER with each request's K = the vtw.json profile layer of its question type,
+// or K = 0, 1, ..., layers in turn when the model has no profiles (a mix of per-request K in one
+// batch). Every request: greedy, ignore_eos, max_new_tokens tokens.
 // Each client runs GenerateStream calls back to back; a phase starts requests for --seconds and
 // ends when they finish. Per phase: requests/s, tokens/s, TTFT / inter-token latency / end-to-end
 // p50 and p95 (client-observed), FLOPs per request and saved (server metrics), and the largest
@@ -287,9 +288,12 @@ class Bench {
     if (mode == "off") {
       r.mutable_vtw()->set_mode(v1::VTW_MODE_OFF);
     } else if (mode == "mix") {
+      // The question type's profile K; a model without profiles: K = 0, 1, ..., layers in turn.
       auto p = profiles_.find(it.type);
+      const int k = !profiles_.empty() ? (p == profiles_.end() ? default_k_ : p->second)
+                                       : item % (layers_ + 1);
       r.mutable_vtw()->set_mode(v1::VTW_MODE_LAYER);
-      r.mutable_vtw()->set_layer(static_cast<uint32_t>(p == profiles_.end() ? default_k_ : p->second));
+      r.mutable_vtw()->set_layer(static_cast<uint32_t>(k));
     } else if (mode == "default") {
       r.mutable_vtw()->set_mode(v1::VTW_MODE_DEFAULT);
     } else {  // a number: that layer for every request
