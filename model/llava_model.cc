@@ -1,5 +1,6 @@
 #include "model/llava_model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -35,6 +36,9 @@ at::Tensor RotateHalf(const at::Tensor& x) {
 at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   return x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
 }
+
+// Upper bound on the fp32 attention scores of one chunk of KV heads (see Forward).
+constexpr int64_t kScoreChunkBytes = int64_t{16} << 20;
 
 at::Tensor LongTensor(const std::vector<int64_t>& v) {
   return at::tensor(v, at::TensorOptions().dtype(at::kLong));
@@ -216,26 +220,56 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
         vs = cache->values(layer);
       }
       const int64_t keys = past + ns;
-      at::Tensor scores =
-          at::matmul(qs.reshape({kvh, group * ns, d}), ks.transpose(1, 2)) / sqrt_d;
-      scores = scores.view({kvh, group, ns, keys});
-      if (ns > 1) {
-        // Row i may see keys j <= past + i.
-        at::Tensor mask = at::ones({ns, keys}, at::TensorOptions().dtype(at::kBool)).triu(past + 1);
-        scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+      at::Tensor mask;  // row i may see keys j <= past + i
+      if (ns > 1) mask = at::ones({ns, keys}, at::TensorOptions().dtype(at::kBool)).triu(past + 1);
+      // KV heads in chunks whose fp32 scores stay under kScoreChunkBytes: heads are independent,
+      // so the result is the same, and the temporaries stay small enough for the allocator to
+      // reuse them instead of mapping fresh pages per layer (a prefill of 576 image tokens on
+      // 32 heads would otherwise fault in ~100 MB of new pages per layer).
+      const int64_t head_bytes = group * ns * keys * static_cast<int64_t>(sizeof(float));
+      const int64_t chunks =
+          std::clamp<int64_t>((kvh * head_bytes + kScoreChunkBytes - 1) / kScoreChunkBytes, 1, kvh);
+      const int64_t per_chunk = (kvh + chunks - 1) / chunks;
+      std::vector<at::Tensor> head_outs, head_attn;
+      for (int64_t h0 = 0; h0 < kvh; h0 += per_chunk) {
+        const int64_t hc = std::min(per_chunk, kvh - h0);
+        at::Tensor qc = qs.narrow(0, h0 * group, hc * group).reshape({hc, group * ns, d});
+        at::Tensor scores = at::matmul(qc, ks.narrow(0, h0, hc).transpose(1, 2));
+        // In place on the fresh product when no gradient flows (inference): the same values,
+        // fewer large temporaries. Training (autograd) keeps the out-of-place ops.
+        const bool inplace = !scores.requires_grad();
+        scores = inplace ? scores.div_(sqrt_d) : scores / sqrt_d;
+        scores = scores.view({hc, group, ns, keys});
+        if (ns > 1) {
+          const double ninf = -std::numeric_limits<float>::infinity();
+          scores = inplace ? scores.masked_fill_(mask, ninf) : scores.masked_fill(mask, ninf);
+        }
+        at::Tensor probs = at::softmax(scores, -1, at::kFloat);  // [hc, g, ns, keys]
+        if (trace && trace->last_row_attention) {
+          head_attn.push_back(probs.select(2, ns - 1).reshape({hc * group, keys}));
+        }
+        head_outs.push_back(
+            at::matmul(probs.to(dtype_).view({hc, group * ns, keys}), vs.narrow(0, h0, hc)));
       }
-      at::Tensor probs = at::softmax(scores, -1, at::kFloat);  // [KV, g, ns, keys]
       if (trace && trace->last_row_attention) {
         trace->attention[layer].resize(num_seqs);
-        trace->attention[layer][s] = probs.select(2, ns - 1).reshape({nh, keys});
+        trace->attention[layer][s] = head_attn.size() == 1 ? head_attn[0] : at::cat(head_attn, 0);
       }
-      at::Tensor o = at::matmul(probs.to(dtype_).view({kvh, group * ns, keys}), vs);
+      at::Tensor o = head_outs.size() == 1 ? head_outs[0] : at::cat(head_outs, 0);
       outs.push_back(o.view({nh, ns, d}).permute({1, 0, 2}).reshape({ns, nh * d}));
     }
     at::Tensor attn = outs.size() == 1 ? outs[0] : at::cat(outs, 0);  // [n, H*D]
     x = x + Linear(attn, lw.o_proj);
     h = RmsNorm(x, lw.post_attention_layernorm, tc.rms_norm_eps);
-    x = x + Linear(at::silu(Linear(h, lw.gate_proj)) * Linear(h, lw.up_proj), lw.down_proj);
+    // silu and the product in place on the fresh projection when no gradient flows: the same
+    // values, two fewer [rows, I] temporaries per layer.
+    at::Tensor gate = Linear(h, lw.gate_proj);
+    if (gate.requires_grad()) {
+      gate = at::silu(gate) * Linear(h, lw.up_proj);
+    } else {
+      at::silu_(gate).mul_(Linear(h, lw.up_proj));
+    }
+    x = x + Linear(gate, lw.down_proj);
     if (trace && trace->hidden_states) trace->hidden.push_back(x);
   }
 
