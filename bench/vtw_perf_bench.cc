@@ -215,7 +215,7 @@ std::vector<std::string> Split(const std::string& s) {
 [[noreturn]] void Usage(const char* why) {
   std::fprintf(stderr,
                "error: %s\nusage: vtw_perf_bench [--geometry llava7b|medium] [--dtype bf16,fp32] "
-               "[--reps N] [--threads N] [--k K] [--tail N] [--batches 1,4,16] "
+               "[--reps N] [--threads N] [--k K] [--tail N] [--batches 1,4,16|none] "
                "[--decode-steps N] [--seed S] [--profile] [--json FILE]\n",
                why);
   std::exit(2);
@@ -242,8 +242,10 @@ Options ParseArgs(int argc, char** argv) {
     else if (a == "--write-model") o.write_model = value();
     else if (a == "--tokenizer-from") o.tokenizer_from = value();
     else if (a == "--batches") {
-      o.batches.clear();
-      for (const std::string& b : Split(value())) o.batches.push_back(std::atoi(b.c_str()));
+      o.batches.clear();  // "none": no decode measurements
+      for (const std::string& b : Split(value())) {
+        if (b != "none") o.batches.push_back(std::atoi(b.c_str()));
+      }
     } else Usage(("unknown argument " + a).c_str());
   }
   if (o.geometry != "llava7b" && o.geometry != "medium") Usage("--geometry: llava7b or medium");
