@@ -8,8 +8,8 @@
 #    loss + the patch-label loss, VTW-aware (half the sequences withdraw the image tokens at a
 #    random layer in [2, 5]),
 # 6. writes the HF LlavaForConditionalGeneration directory to models/vtw-shapes.
-# Progress goes to stderr. 69 min measured on a 2-core machine shared with other jobs (~50 min
-# estimated with the cores to itself). See docs/TRAINING.md. Then calibrate K:
+# Progress goes to stderr. 69 min measured on a 2-core machine shared with other jobs; ~39 min
+# idle (0.19 s/vision step, 0.39 s/main step measured idle). See docs/TRAINING.md. Then calibrate K:
 #   vtw dataset --out D --split val --count 300 --seed 7
 #   vtw calibrate --model models/vtw-shapes --data D/val.jsonl --samples 20 --eta 0.01 --write
 # Environment: VTW_BIN (the vtw binary; default build/vtw), OUT (default models/vtw-shapes),
