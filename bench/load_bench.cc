@@ -44,6 +44,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_common.h"
 #include "vtw/compute_model.h"
 #include "vtw/generator.h"
 #include "vtw/model_bundle.h"
@@ -53,17 +54,10 @@ namespace vtw {
 namespace {
 
 using json = nlohmann::json;
-using SteadyClock = std::chrono::steady_clock;
+using bench::Now;
+using bench::Progress;
 
-double Now() {
-  return std::chrono::duration<double>(SteadyClock::now().time_since_epoch()).count();
-}
 
-void Progress(const std::string& msg) {
-  static const double start = Now();
-  std::fprintf(stderr, "[%7.1f s] %s\n", Now() - start, msg.c_str());
-  std::fflush(stderr);
-}
 
 // p-quantile (0..1), linear interpolation between order statistics; 0 when empty.
 double Quantile(std::vector<double> v, double p) {

@@ -10,33 +10,15 @@
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 
+#include "bench/bench_common.h"
 #include "model/llava_model.h"
 #include "vtw/compute_model.h"
 
 namespace vtw {
 namespace {
 
-// A LLaVA-1.5-shaped model scaled down: 576 image tokens (336 px, patch 14), 8 decoder layers.
-LlavaConfig MediumConfig() {
-  LlavaConfig c;
-  c.vision.hidden_size = 256;
-  c.vision.intermediate_size = 1024;
-  c.vision.num_hidden_layers = 4;
-  c.vision.num_attention_heads = 4;
-  c.vision.image_size = 336;
-  c.vision.patch_size = 14;
-  c.text.vocab_size = 32064;
-  c.text.hidden_size = 1024;
-  c.text.intermediate_size = 2816;
-  c.text.num_hidden_layers = 8;
-  c.text.num_attention_heads = 16;
-  c.text.num_key_value_heads = 4;
-  c.text.head_dim = 64;
-  c.text.max_position_embeddings = 4096;
-  c.image_token_index = 32000;
-  c.name = "medium-random";
-  return c;
-}
+using bench::MediumConfig;
+
 
 const LlavaModel& Model(const std::string& which, at::ScalarType dtype) {
   static std::map<std::pair<std::string, int>, std::unique_ptr<LlavaModel>> cache;

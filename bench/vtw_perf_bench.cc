@@ -41,6 +41,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/profiler_legacy.h>
 
+#include "bench/bench_common.h"
 #include "model/llava_model.h"
 #include "model/safetensors.h"
 #include "vtw/compute_model.h"
@@ -49,11 +50,10 @@ namespace vtw {
 namespace {
 
 using json = nlohmann::json;
-using SteadyClock = std::chrono::steady_clock;
+using bench::MediumConfig;
+using bench::Now;
+using bench::Progress;
 
-double Now() {
-  return std::chrono::duration<double>(SteadyClock::now().time_since_epoch()).count();
-}
 
 double Median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -74,11 +74,6 @@ std::vector<double> Time(int warmup, int reps, const std::function<void()>& fn) 
   return t;
 }
 
-void Progress(const std::string& msg) {
-  static const double start = Now();
-  std::fprintf(stderr, "[%7.1f s] %s\n", Now() - start, msg.c_str());
-  std::fflush(stderr);
-}
 
 std::string Fmt(const char* fmt, double v) {
   char buf[64];
@@ -112,28 +107,6 @@ LlavaConfig Llava7bConfig() {
   return c;
 }
 
-// The "medium" geometry of bench/model_bench.cc: 576 image tokens from a 4-layer 256-wide tower,
-// 8-layer 1024-wide Llama with GQA (16 heads, 4 KV heads), vocab 32064.
-LlavaConfig MediumConfig() {
-  LlavaConfig c;
-  c.vision.hidden_size = 256;
-  c.vision.intermediate_size = 1024;
-  c.vision.num_hidden_layers = 4;
-  c.vision.num_attention_heads = 4;
-  c.vision.image_size = 336;
-  c.vision.patch_size = 14;
-  c.text.vocab_size = 32064;
-  c.text.hidden_size = 1024;
-  c.text.intermediate_size = 2816;
-  c.text.num_hidden_layers = 8;
-  c.text.num_attention_heads = 16;
-  c.text.num_key_value_heads = 4;
-  c.text.head_dim = 64;
-  c.text.max_position_embeddings = 4096;
-  c.image_token_index = 32000;
-  c.name = "medium-random";
-  return c;
-}
 
 // RandomLlavaWeights with progress on stderr (same visitor, same generator use: the same seed
 // gives the same weights as RandomLlavaWeights).
