@@ -12,7 +12,9 @@
 #         security_test) run too, but only informationally: Debian's gRPC is not built with TSan,
 #         so TSan cannot see gRPC's hand-offs between its threads and reports hundreds of races at
 #         them (docs/RELIABILITY.md#sanitizers); their reports are counted and kept, and do not
-#         fail the run unless SANITIZE_TSAN_STRICT=1.
+#         fail the run unless SANITIZE_TSAN_STRICT=1. With instrumented gRPC and abseil built by
+#         scripts/build-tsan-deps.sh (build-tsan-deps/lib; SANITIZE_TSAN_DEPS=DIR/lib elsewhere),
+#         those tests load them (LD_LIBRARY_PATH) and gate like scheduler_test.
 # Environment:
 #   SANITIZE_JOBS        build parallelism (default 1)
 #   SANITIZE_ASAN_TESTS  test binaries for asan (default: every tests/*_test.cc)
@@ -50,8 +52,23 @@ fi
 # The parts with more than one thread: the engine thread and its queue (server_test runs the
 # real gRPC server in-process; scheduler_test the admission and the image cache), the reactors
 # and the real vtw-server process (server_ops_test, faults_test, clients_test, security_test).
-TSAN_TESTS_DEFAULT="scheduler_test"
-TSAN_INFO_TESTS_DEFAULT="server_test server_ops_test faults_test clients_test security_test"
+# With TSan-instrumented gRPC and abseil (scripts/build-tsan-deps.sh -> build-tsan-deps/lib, or
+# SANITIZE_TSAN_DEPS=DIR/lib), TSan sees gRPC's own synchronisation: the gRPC-using tests run with
+# LD_LIBRARY_PATH pointing there, with scripts/sanitizers/tsan-instrumented-grpc.supp, and gate.
+# Without them, they run informationally with scripts/sanitizers/tsan.supp.
+TSAN_DEPS_LIB="${SANITIZE_TSAN_DEPS:-$ROOT/build-tsan-deps/lib}"
+if [ -d "$TSAN_DEPS_LIB" ] && ls "$TSAN_DEPS_LIB"/libgrpc.so.* >/dev/null 2>&1; then
+  TSAN_MODE=instrumented-grpc
+  TSAN_TESTS_DEFAULT="scheduler_test server_test server_ops_test faults_test clients_test security_test"
+  TSAN_INFO_TESTS_DEFAULT=""
+  TSAN_SUPP_FILE=tsan-instrumented-grpc.supp
+else
+  TSAN_MODE=system-grpc
+  TSAN_DEPS_LIB=""
+  TSAN_TESTS_DEFAULT="scheduler_test"
+  TSAN_INFO_TESTS_DEFAULT="server_test server_ops_test faults_test clients_test security_test"
+  TSAN_SUPP_FILE=tsan.supp
+fi
 
 # Tests (gtest filters) left out per build, each with the reason printed in the summary.
 declare -A EXCLUDE_FILTER=() EXCLUDE_REASON=()
@@ -119,6 +136,10 @@ run_tests() {  # kind build_dir gate(1|0) tests...
       export UBSAN_OPTIONS="log_path=$ROOT/$logs/$t/report:$UBSAN_DEFAULT${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
       export LSAN_OPTIONS="$LSAN_DEFAULT${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
       export TSAN_OPTIONS="log_path=$ROOT/$logs/$t/report:$TSAN_DEFAULT$extra_tsan${TSAN_OPTIONS:+:$TSAN_OPTIONS}"
+      # tsan with instrumented gRPC: the test and every vtw-server / vtw it starts load them.
+      if [ "$kind" != asan ] && [ -n "$TSAN_DEPS_LIB" ]; then
+        export LD_LIBRARY_PATH="$TSAN_DEPS_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      fi
       exec timeout -k 10 "$TIMEOUT" "./$t" $filter
     ) >"$log" 2>&1
     rc=$?
@@ -164,7 +185,7 @@ run_tests() {  # kind build_dir gate(1|0) tests...
 ASAN_DEFAULT="detect_leaks=1:abort_on_error=1:check_initialization_order=1:detect_stack_use_after_return=1"
 UBSAN_DEFAULT="print_stacktrace=1:halt_on_error=1:suppressions=$SUPP/ubsan.supp"
 LSAN_DEFAULT="suppressions=$SUPP/lsan.supp:print_suppressions=0"
-TSAN_DEFAULT="suppressions=$SUPP/tsan.supp:halt_on_error=1:second_deadlock_stack=1:history_size=4"
+TSAN_DEFAULT="suppressions=$SUPP/$TSAN_SUPP_FILE:halt_on_error=1:second_deadlock_stack=1:history_size=4"
 if [ -n "$symbolizer" ]; then
   ASAN_DEFAULT="$ASAN_DEFAULT:external_symbolizer_path=$symbolizer"
   UBSAN_DEFAULT="$UBSAN_DEFAULT:external_symbolizer_path=$symbolizer"
@@ -185,6 +206,21 @@ if [ "$MODE" = tsan ] || [ "$MODE" = all ]; then
   read -r -a info_tests <<<"${SANITIZE_TSAN_INFO_TESTS-$TSAN_INFO_TESTS_DEFAULT}"
   if configure_and_build build-tsan VTW_TSAN "${tests[@]}" "${info_tests[@]}"; then
     rm -rf build-tsan/sanitizer-logs
+    if [ -n "$TSAN_DEPS_LIB" ]; then
+      # Every gRPC / abseil library must resolve to the instrumented copies, or the run is not
+      # what it claims to be.
+      stray=$(LD_LIBRARY_PATH="$TSAN_DEPS_LIB" ldd build-tsan/server_test build-tsan/vtw-server |
+              awk -v d="$TSAN_DEPS_LIB" '/(libgrpc|libgpr|libupb|libaddress_sorting|libabsl)/ && index($3, d) != 1 {print $1}' | sort -u)
+      if [ -n "$stray" ]; then
+        echo "[sanitize] tsan: these still load from the system, not $TSAN_DEPS_LIB: $stray" >&2
+        exit 2
+      fi
+      echo "[sanitize] tsan: gRPC and abseil from $TSAN_DEPS_LIB (instrumented); the gRPC tests gate" >&2
+      summary+=("tsan  mode: instrumented gRPC + abseil from $TSAN_DEPS_LIB, suppressions $TSAN_SUPP_FILE")
+    else
+      echo "[sanitize] tsan: system gRPC (not instrumented; scripts/build-tsan-deps.sh builds instrumented copies): the gRPC tests are informational" >&2
+      summary+=("tsan  mode: system gRPC (uninstrumented), suppressions $TSAN_SUPP_FILE")
+    fi
     run_tests tsan build-tsan 1 "${tests[@]}"
     [ ${#info_tests[@]} -gt 0 ] && run_tests tsan-info build-tsan "${SANITIZE_TSAN_STRICT:-0}" "${info_tests[@]}"
   else
