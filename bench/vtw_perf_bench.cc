@@ -11,7 +11,8 @@
 //      FLOPs-ideal ratio of vtw/compute_model.h and the achieved GFLOP/s next to the GEMM peak.
 //   4. Decode tokens/s at batch 1, 4, 16 (VTW off and at K) with the memory-bound limit at batch 1
 //      (bytes read per step / measured read bandwidth).
-//   5. Optionally (--profile) one prefill under LibTorch's profiler: time per top-level op.
+//   5. Optionally (--profile) one prefill and one decode step per batch size (VTW off) under
+//      LibTorch's profiler: time per top-level op.
 // --write-model DIR --tokenizer-from MODEL_DIR writes the medium geometry (random weights, fp32)
 // as a servable model directory (the shapes tokenizer, 336 px preprocessing, a vtw.json with
 // K = 4 of 8 and per-type profiles) for the server load benchmark (scripts/bench-load.sh), and
@@ -533,6 +534,10 @@ json RunModel(const Options& o, const LlavaConfig& c, at::ScalarType dtype, doub
                  {"bytes_read_per_step", decode_weight_bytes + kv_read}};
       Progress("decode batch " + std::to_string(batch) + " K=" + std::to_string(kk) + ": " +
                Fmt("%.3f", med) + " s/step, " + Fmt("%.2f", batch / med) + " tokens/s");
+      if (o.profile && kk == layers) {
+        Progress("profiling one decode step at batch " + std::to_string(batch));
+        dj["profile"] = ProfileOps(step);
+      }
       decode.push_back(dj);
     }
   }
@@ -599,15 +604,24 @@ void PrintSummary(const Options& o, const json& all) {
                   kk == layers ? "VTW off" : ("K=" + std::to_string(kk)).c_str(),
                   dj["median_step_seconds"].get<double>(), tps, extra.c_str());
     }
-    if (m.contains("profile_prefill_off")) {
-      std::printf("profile, one prefill VTW off (top-level ops, %.1f ms total):\n",
-                  m["profile_prefill_off"]["top_level_total_ms"].get<double>());
+    auto print_profile = [](const std::string& what, const json& p) {
+      std::printf("profile, %s (top-level ops, %.1f ms total):\n", what.c_str(),
+                  p["top_level_total_ms"].get<double>());
       int shown = 0;
-      for (const json& op : m["profile_prefill_off"]["top_level_ops"]) {
+      for (const json& op : p["top_level_ops"]) {
         if (shown++ == 12) break;
         std::printf("  %-28s %9.1f ms %6.1f%% %6d calls\n", op["op"].get<std::string>().c_str(),
                     op["ms"].get<double>(), 100 * op["share"].get<double>(),
                     op["calls"].get<int>());
+      }
+    };
+    if (m.contains("profile_prefill_off")) {
+      print_profile("one prefill VTW off", m["profile_prefill_off"]);
+    }
+    for (const json& dj : m["decode"]) {
+      if (dj.contains("profile")) {
+        print_profile("one decode step at batch " + std::to_string(dj["batch"].get<int>()),
+                      dj["profile"]);
       }
     }
   }

@@ -26,8 +26,9 @@ void KvCache::Reserve(int layer, int64_t entries) {
   if (entries <= capacity) return;
   int64_t new_capacity = std::max<int64_t>(entries, capacity * 2);
   auto opts = at::TensorOptions().dtype(dtype_);
-  at::Tensor k = at::empty({num_kv_heads_, new_capacity, head_dim_}, opts);
-  at::Tensor v = at::empty({num_kv_heads_, new_capacity, head_dim_}, opts);
+  // Zeros, not empty: entries past length() must be finite (see key_buffer()).
+  at::Tensor k = at::zeros({num_kv_heads_, new_capacity, head_dim_}, opts);
+  at::Tensor v = at::zeros({num_kv_heads_, new_capacity, head_dim_}, opts);
   if (length_[layer] > 0) {
     k.narrow(1, 0, length_[layer]).copy_(keys(layer));
     v.narrow(1, 0, length_[layer]).copy_(values(layer));

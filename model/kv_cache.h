@@ -27,9 +27,20 @@ class KvCache {
   // Appends `k`, `v` ([kv_heads, n, head_dim]) to `layer`.
   void Append(int layer, const at::Tensor& k, const at::Tensor& v);
 
-  // Views of the held entries of `layer`: [kv_heads, length, head_dim].
+  // Views of the held entries of `layer`: [kv_heads, length, head_dim]. Not contiguous unless
+  // length == capacity (the heads are capacity entries apart).
   at::Tensor keys(int layer) const;
   at::Tensor values(int layer) const;
+
+  // Entries `layer` can hold before it grows (0 before the first Append or hint).
+  int64_t capacity(int layer) const { return k_[layer].defined() ? k_[layer].size(1) : 0; }
+  // The whole buffers of `layer`, [kv_heads, capacity, head_dim], contiguous: the held entries
+  // then zeros (entries at and past length() are always zero, never uninitialised memory, so a
+  // product with a zero weight there is exactly zero). LlavaModel's decode attention reads these
+  // instead of keys()/values(): LibTorch's bf16 batched matmul copies a non-contiguous operand
+  // first, which made a 7B decode step's attention ~4x slower than the matmul itself.
+  const at::Tensor& key_buffer(int layer) const { return k_[layer]; }
+  const at::Tensor& value_buffer(int layer) const { return v_[layer]; }
 
   // Bytes of the entries held (2 * kv_heads * head_dim * element size per entry and layer).
   int64_t bytes_used() const;
@@ -43,7 +54,7 @@ class KvCache {
   int head_dim_;
   at::ScalarType dtype_;
   int64_t entry_bytes_;
-  std::vector<at::Tensor> k_;  // [kv_heads, capacity, head_dim] per layer
+  std::vector<at::Tensor> k_;  // [kv_heads, capacity, head_dim] per layer; zero past length
   std::vector<at::Tensor> v_;
   std::vector<int64_t> length_;
 };

@@ -145,6 +145,63 @@ TEST(RaggedBatch, CachedDecodingEqualsFullRecomputation) {
   }
 }
 
+// Decode rows multiply the cache's whole zero-padded buffer when it is at most 2x the held
+// entries (LlavaModel::Forward): the logits must not depend on the spare capacity, in fp32 and in
+// bf16, whether the buffer is read whole (spare 1, 20) or as a view of the held entries (4000).
+TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
+  const auto& c = OracleCases()[2];
+  const PromptLayout layout = OracleLayout(c);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    auto model = LlavaModel::Load(testing::OracleModelDir(), dtype);
+    ASSERT_TRUE(model.ok()) << model.status().ToString();
+    const at::Tensor features = (*model)->EncodeImages(testing::OracleTensor(c["pixel_values"]["file"]))[0];
+    for (int k : {2, 4}) {
+      std::vector<at::Tensor> per_spare, per_spare_attention;
+      for (int64_t spare : {0, 1, 20, 4000}) {
+        const int layers = (*model)->config().text.num_hidden_layers;
+        std::vector<int64_t> cap(layers);
+        for (int l = 0; l < layers; ++l) {
+          cap[l] = (l < k ? layout.size() : layout.num_text_tokens()) + 3 + spare;
+        }
+        KvCache cache = (*model)->NewKvCache(cap);
+        ForwardBatch prefill;
+        prefill.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
+        prefill.image_embeds = features;
+        prefill.seqs.push_back({&cache, static_cast<int>(layout.size()), k, true});
+        (*model)->Forward(prefill);
+        std::vector<at::Tensor> steps;
+        for (int t = 0; t < 3; ++t) {
+          ForwardBatch step;
+          step.token_ids = {300 + 17 * t};
+          step.positions = {layout.size() + t};
+          step.kinds = {TokenKind::kText};
+          step.seqs.push_back({&cache, 1, k, true});
+          ForwardTrace trace;
+          trace.last_row_attention = true;
+          steps.push_back((*model)->Forward(step, &trace).logits[0]);
+          // The recorded attention covers exactly the held entries (not the spare zeros).
+          const int64_t keys = cache.length(0);
+          const at::Tensor a = trace.attention[0][0];
+          ASSERT_EQ(a.size(1), keys);
+          EXPECT_LT(MaxAbsDiff(a.sum(-1), at::ones({a.size(0)})), dtype == at::kFloat ? 1e-5 : 0.02);
+          if (t == 2) per_spare_attention.push_back(a);
+        }
+        EXPECT_EQ(cache.capacity(0), cap[0]);
+        per_spare.push_back(at::stack(steps));
+      }
+      for (size_t i = 1; i < per_spare_attention.size(); ++i) {
+        EXPECT_LT(MaxAbsDiff(per_spare_attention[i], per_spare_attention[0]),
+                  dtype == at::kFloat ? 1e-5 : 0.01);
+      }
+      for (size_t i = 1; i < per_spare.size(); ++i) {
+        // The same products over the held entries, plus exact zeros: equal up to summation order.
+        EXPECT_LT(MaxAbsDiff(per_spare[i], per_spare[0]), dtype == at::kFloat ? 1e-4 : 0.05)
+            << DTypeName(dtype) << " K=" << k << " spare case " << i;
+      }
+    }
+  }
+}
+
 TEST(RaggedBatch, GeneratedImageTokenIdIsOrdinaryText) {
   // Decode the image token id as a text token: it embeds as a normal id and is never withdrawn.
   const auto& c = OracleCases()[0];
