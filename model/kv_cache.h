@@ -38,7 +38,7 @@ class KvCache {
   // then zeros (entries at and past length() are always zero, never uninitialised memory, so a
   // product with a zero weight there is exactly zero). LlavaModel's decode attention reads these
   // instead of keys()/values(): LibTorch's bf16 batched matmul copies a non-contiguous operand
-  // first, which made a 7B decode step's attention ~4x slower than the matmul itself.
+  // first, which made q.K^T of a 7B decode row 2.6x slower (docs/PERFORMANCE.md).
   const at::Tensor& key_buffer(int layer) const { return k_[layer]; }
   const at::Tensor& value_buffer(int layer) const { return v_[layer]; }
 

@@ -239,7 +239,9 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
         // (a 7B decode step at batch 16 runs this 512 times), no mask tensor, no head chunks.
         at::Tensor sc = at::bmm(q.select(0, r0).view({kvh, group, d}), ks.transpose(1, 2));
         sc.div_(sqrt_d);  // [KV, g, cols]
-        if (cols > keys) sc.narrow(-1, keys, cols - keys).fill_(-std::numeric_limits<float>::infinity());
+        if (cols > keys) {
+          sc.narrow(-1, keys, cols - keys).fill_(-std::numeric_limits<float>::infinity());
+        }
         at::Tensor probs = dtype_ == at::kBFloat16 ? at::softmax(sc, -1)
                                                    : at::softmax(sc, -1, at::kFloat).to(dtype_);
         if (trace && trace->last_row_attention) {
@@ -276,9 +278,9 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
           scores = inplace ? scores.masked_fill_(mask, ninf) : scores.masked_fill(mask, ninf);
         }
         // HF: softmax in fp32, then cast to the model dtype. In bf16 inference, LibTorch's bf16
-        // softmax does the same arithmetic in fp32 and rounds once, ~5x faster than converting the
-        // scores to fp32 first (it was 16% of a 7B prefill); about 1 probability in 10^5 differs
-        // from the convert-then-cast result, by 1 bf16 ulp. Training keeps the fp32 path.
+        // softmax does the same arithmetic in fp32 and rounds once, ~5x faster than converting
+        // the scores to fp32 first (16% of a profiled 7B prefill before); about 1 probability in
+        // 10^5 differs from the convert-then-cast result, by 1 bf16 ulp. Training keeps fp32.
         at::Tensor probs = inplace && dtype_ == at::kBFloat16
                                ? at::softmax(scores, -1)
                                : at::softmax(scores, -1, at::kFloat);  // [hc, g, ns, cols]

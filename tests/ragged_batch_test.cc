@@ -154,7 +154,8 @@ TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     auto model = LlavaModel::Load(testing::OracleModelDir(), dtype);
     ASSERT_TRUE(model.ok()) << model.status().ToString();
-    const at::Tensor features = (*model)->EncodeImages(testing::OracleTensor(c["pixel_values"]["file"]))[0];
+    const at::Tensor features =
+        (*model)->EncodeImages(testing::OracleTensor(c["pixel_values"]["file"]))[0];
     for (int k : {2, 4}) {
       std::vector<at::Tensor> per_spare, per_spare_attention;
       for (int64_t spare : {0, 1, 20, 4000}) {
@@ -183,7 +184,8 @@ TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
           const int64_t keys = cache.length(0);
           const at::Tensor a = trace.attention[0][0];
           ASSERT_EQ(a.size(1), keys);
-          EXPECT_LT(MaxAbsDiff(a.sum(-1), at::ones({a.size(0)})), dtype == at::kFloat ? 1e-5 : 0.02);
+          EXPECT_LT(MaxAbsDiff(a.sum(-1), at::ones({a.size(0)})),
+                    dtype == at::kFloat ? 1e-5 : 0.02);
           if (t == 2) per_spare_attention.push_back(a);
         }
         EXPECT_EQ(cache.capacity(0), cap[0]);
