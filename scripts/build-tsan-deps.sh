@@ -15,7 +15,7 @@
 # Env:   TSAN_DEPS_DIR   output (default build-tsan-deps/; lib/ holds the libraries)
 #        TSAN_DEPS_JOBS  build parallelism (default: nproc)
 #        DEBIAN_MIRROR   source mirror (default http://deb.debian.org/debian)
-# Needs: clang (14), cmake, ninja, dpkg-source (dpkg-dev), curl, the -dev packages of
+# Needs: clang (14), cmake, ninja, dpkg-source (dpkg-dev), curl, root for apt-get of libprotoc-dev, the -dev packages of
 # scripts/install-deps.sh (protobuf, c-ares, re2, openssl, zlib stay the system ones).
 set -euo pipefail
 shopt -s inherit_errexit
@@ -97,7 +97,7 @@ else
   log "abseil: built in $((SECONDS - t)) s"
 fi
 
-# --- gRPC (the libraries we link; codegen plugins and tests off) --------------------------------
+# --- gRPC (the libraries we link; codegen on only because grpc++_reflection needs it) --------
 GRPC_TARGETS=(grpc++ grpc++_reflection)
 if [ -f "$PREFIX/.grpc-$GRPC_VER" ]; then
   log "gRPC $GRPC_VER: already built"
@@ -105,10 +105,16 @@ else
   tree=$(fetch_source "$GRPC_PKG" "$GRPC_VER")
   log "gRPC $GRPC_VER: configure + build ${GRPC_TARGETS[*]} (-j$JOBS, $FLAGS)"
   t=$SECONDS
+  # grpc++_reflection's generated code needs gRPC's own grpc_cpp_plugin, built against libprotoc.
+  if [ ! -f /usr/include/google/protobuf/compiler/code_generator.h ]; then
+    log "installing libprotoc-dev (gRPC's code generator needs it)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libprotoc-dev >&2 ||
+      die "apt-get install libprotoc-dev failed"
+  fi
   cmake -S "$tree" -B "$OUT/grpc-build" "${CMAKE_COMMON[@]}" -DCMAKE_PREFIX_PATH="$PREFIX" \
     -DgRPC_ABSL_PROVIDER=package -DgRPC_CARES_PROVIDER=package -DgRPC_PROTOBUF_PROVIDER=package \
     -DgRPC_RE2_PROVIDER=package -DgRPC_SSL_PROVIDER=package -DgRPC_ZLIB_PROVIDER=package \
-    -DgRPC_BACKWARDS_COMPATIBILITY_MODE=OFF -DgRPC_BUILD_TESTS=OFF -DgRPC_BUILD_CODEGEN=OFF \
+    -DgRPC_BACKWARDS_COMPATIBILITY_MODE=OFF -DgRPC_BUILD_TESTS=OFF -DgRPC_BUILD_CODEGEN=ON \
     -DgRPC_BUILD_GRPC_CSHARP_PLUGIN=OFF -DgRPC_BUILD_GRPC_NODE_PLUGIN=OFF \
     -DgRPC_BUILD_GRPC_OBJECTIVE_C_PLUGIN=OFF -DgRPC_BUILD_GRPC_PHP_PLUGIN=OFF \
     -DgRPC_BUILD_GRPC_PYTHON_PLUGIN=OFF -DgRPC_BUILD_GRPC_RUBY_PLUGIN=OFF >/dev/null
@@ -122,11 +128,20 @@ fi
 # --- lib/: exactly the instrumented libraries, checked ------------------------------------------
 rm -rf "$LIB"; mkdir -p "$LIB"
 cp -a "$PREFIX"/lib/lib*.so* "$LIB/"
+# Not a runtime library of ours: grpc_python_plugin / grpc_cpp_plugin (uninstrumented) load it,
+# and an instrumented copy on LD_LIBRARY_PATH would break them (the Python client tests run them).
+rm -f "$LIB"/libgrpc_plugin_support.so*
 n=0
 for f in "$LIB"/*.so.*; do
   [ -L "$f" ] && continue
-  nm -D --undefined-only "$f" | grep -q ' __tsan_func_entry$' || die "$f is not TSan-instrumented"
   n=$((n + 1))
+done
+# The libraries that synchronise (a few tiny abseil ones have no instrumentable function at all).
+for name in libgrpc.so libgrpc++.so libgpr.so libabsl_synchronization.so libabsl_base.so; do
+  f=$(ls "$LIB/$name".* 2>/dev/null | head -1)
+  [ -n "$f" ] || die "$name was not built"
+  syms=$(nm -D --undefined-only "$f")  # (not piped into grep -q: SIGPIPE + pipefail)
+  [[ $syms == *" __tsan_func_entry"* ]] || die "$f is not TSan-instrumented"
 done
 # Every gRPC/abseil library the project's binaries load must be in lib/ with the same soname.
 bin=""
