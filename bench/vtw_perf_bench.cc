@@ -43,6 +43,7 @@
 #include <torch/csrc/autograd/profiler_legacy.h>
 
 #include "bench/bench_common.h"
+#include "model/decode_attention.h"
 #include "model/llava_model.h"
 #include "model/safetensors.h"
 #include "vtw/compute_model.h"
@@ -171,6 +172,8 @@ struct Options {
   int tail = 40;
   std::vector<int> batches = {1, 4, 16};
   int decode_steps = 0;  // default: 3 (llava7b) or 10
+  // Decode attention implementations, measured step by step in turn (A/B in one run).
+  std::vector<std::string> decode_attention = {"fused", "bmm"};
   uint64_t seed = 1;
   bool profile = false;
   std::string json_path;
@@ -190,7 +193,8 @@ std::vector<std::string> Split(const std::string& s) {
   std::fprintf(stderr,
                "error: %s\nusage: vtw_perf_bench [--geometry llava7b|medium] [--dtype bf16,fp32] "
                "[--reps N] [--threads N] [--k K] [--tail N] [--batches 1,4,16|none] "
-               "[--decode-steps N] [--seed S] [--profile] [--json FILE]\n",
+               "[--decode-steps N] [--decode-attention fused,bmm] [--seed S] [--profile] "
+               "[--json FILE]\n",
                why);
   std::exit(2);
 }
@@ -210,6 +214,7 @@ Options ParseArgs(int argc, char** argv) {
     else if (a == "--k") o.k = std::atoi(value().c_str());
     else if (a == "--tail") o.tail = std::atoi(value().c_str());
     else if (a == "--decode-steps") o.decode_steps = std::atoi(value().c_str());
+    else if (a == "--decode-attention") o.decode_attention = Split(value());
     else if (a == "--seed") o.seed = std::strtoull(value().c_str(), nullptr, 10);
     else if (a == "--json") o.json_path = value();
     else if (a == "--profile") o.profile = true;
@@ -229,6 +234,10 @@ Options ParseArgs(int argc, char** argv) {
   }
   if (o.decode_steps <= 0) o.decode_steps = o.geometry == "llava7b" ? 3 : 10;
   if (o.reps < 1) Usage("--reps must be >= 1");
+  if (o.decode_attention.empty()) Usage("--decode-attention: fused, bmm or both");
+  for (const std::string& impl : o.decode_attention) {
+    if (impl != "fused" && impl != "bmm") Usage("--decode-attention: fused, bmm or both");
+  }
   return o;
 }
 
@@ -486,9 +495,17 @@ json RunModel(const Options& o, const LlavaConfig& c, at::ScalarType dtype, doub
   }
 
   // Decode: caches filled with random keys/values of the prompt's length (layers >= K: text
-  // only), then one new token per sequence per step.
+  // only), then one new token per sequence per step. With several attention implementations the
+  // steps alternate between them (fused, bmm, fused, bmm, ...), so that both see the same cache
+  // lengths and the same machine noise; each gets one warm-up step.
   json decode = json::array();
   const int64_t kv = c.text.num_key_value_heads, d = c.text.head_dim;
+  const int64_t impls = static_cast<int64_t>(o.decode_attention.size());
+  const int64_t steps_per_cache = impls * (o.decode_steps + 2) + 2;  // + warm-up and profile
+  auto set_impl = [&](const std::string& name) {
+    model.set_decode_attention(name == "bmm" ? DecodeAttentionImpl::kBmm
+                                             : DecodeAttentionImpl::kFused);
+  };
   for (int kk : {layers, k}) {
     std::vector<at::Tensor> layer_k(layers), layer_v(layers);
     for (int l = 0; l < layers; ++l) {
@@ -497,7 +514,7 @@ json RunModel(const Options& o, const LlavaConfig& c, at::ScalarType dtype, doub
       layer_v[l] = at::randn({kv, n, d}).to(dtype);
     }
     for (int batch : o.batches) {
-      const int64_t cache_bytes = cm.KvCacheBytes(text_len + o.decode_steps + 2, n_img, kk);
+      const int64_t cache_bytes = cm.KvCacheBytes(text_len + steps_per_cache, n_img, kk);
       const int64_t need = cache_bytes * batch + (int64_t{1} << 30);
       const int64_t avail = MemAvailable();
       if (avail > 0 && need > avail) {
@@ -510,7 +527,7 @@ json RunModel(const Options& o, const LlavaConfig& c, at::ScalarType dtype, doub
       std::vector<KvCache> caches;
       for (int i = 0; i < batch; ++i) {
         std::vector<int64_t> cap(layers);
-        for (int l = 0; l < layers; ++l) cap[l] = layer_k[l].size(1) + o.decode_steps + 2;
+        for (int l = 0; l < layers; ++l) cap[l] = layer_k[l].size(1) + steps_per_cache;
         caches.push_back(model.NewKvCache(cap));
         for (int l = 0; l < layers; ++l) caches.back().Append(l, layer_k[l], layer_v[l]);
       }
@@ -526,21 +543,40 @@ json RunModel(const Options& o, const LlavaConfig& c, at::ScalarType dtype, doub
         model.Forward(b);
         ++pos;
       };
-      const std::vector<double> t = Time(1, o.decode_steps, step);
-      const double med = Median(t);
-      const int64_t kv_read = cm.KvCacheBytes(text_len, n_img, kk) * batch;
-      json dj = {{"batch", batch}, {"k", kk}, {"step_seconds", t}, {"median_step_seconds", med},
-                 {"tokens_per_s", batch / med}, {"kv_cache_bytes_read", kv_read},
-                 {"bytes_read_per_step", decode_weight_bytes + kv_read}};
-      Progress("decode batch " + std::to_string(batch) + " K=" + std::to_string(kk) + ": " +
-               Fmt("%.3f", med) + " s/step, " + Fmt("%.2f", batch / med) + " tokens/s");
-      if (o.profile && kk == layers) {
-        Progress("profiling one decode step at batch " + std::to_string(batch));
-        dj["profile"] = ProfileOps(step);
+      std::vector<std::vector<double>> t(impls);
+      for (const std::string& impl : o.decode_attention) {
+        set_impl(impl);
+        step();  // warm-up
       }
-      decode.push_back(dj);
+      for (int rep = 0; rep < o.decode_steps; ++rep) {
+        for (int64_t m = 0; m < impls; ++m) {
+          set_impl(o.decode_attention[m]);
+          t[m].push_back(Time(0, 1, step)[0]);
+        }
+      }
+      const int64_t kv_read = cm.KvCacheBytes(text_len, n_img, kk) * batch;
+      for (int64_t m = 0; m < impls; ++m) {
+        const std::string& impl = o.decode_attention[m];
+        const double med = Median(t[m]);
+        json dj = {{"batch", batch}, {"k", kk}, {"decode_attention", impl},
+                   {"step_seconds", t[m]}, {"median_step_seconds", med},
+                   {"tokens_per_s", batch / med}, {"kv_cache_bytes_read", kv_read},
+                   {"bytes_read_per_step", decode_weight_bytes + kv_read}};
+        Progress("decode batch " + std::to_string(batch) + " K=" + std::to_string(kk) + " " +
+                 impl + " attention: " + Fmt("%.3f", med) + " s/step, " +
+                 Fmt("%.2f", batch / med) + " tokens/s");
+        if (o.profile && kk == layers) {
+          Progress("profiling one decode step at batch " + std::to_string(batch) + " (" + impl +
+                   " attention)");
+          set_impl(impl);
+          dj["profile"] = ProfileOps(step);
+        }
+        decode.push_back(dj);
+      }
     }
   }
+  model.set_decode_attention(DecodeAttentionImpl::kFused);
+  j["decode_attention_isa"] = DecodeAttentionIsa();
   j["decode"] = decode;
   return j;
 }
@@ -582,7 +618,9 @@ void PrintSummary(const Options& o, const json& all) {
     std::printf("vision + prefill speed-up    %9.2fx (FLOPs-ideal %.2fx)\n",
                 p["with_vision_speedup"].get<double>(),
                 p["with_vision_flops_ideal_speedup"].get<double>());
-    double b1_off = 0;
+    std::printf("decode attention kernel: %s clone\n",
+                m.value("decode_attention_isa", std::string("?")).c_str());
+    std::map<std::string, double> b1_off;  // per decode attention implementation
     for (const json& dj : m["decode"]) {
       if (dj.contains("skipped")) {
         std::printf("decode batch %-2d K=%-2d        skipped (%s)\n", dj["batch"].get<int>(),
@@ -590,18 +628,19 @@ void PrintSummary(const Options& o, const json& all) {
         continue;
       }
       const int batch = dj["batch"].get<int>(), kk = dj["k"].get<int>();
+      const std::string impl = dj.value("decode_attention", std::string("bmm"));
       const double tps = dj["tokens_per_s"].get<double>();
-      if (batch == 1 && kk == layers) b1_off = tps;
+      if (batch == 1 && kk == layers) b1_off[impl] = tps;
       std::string extra;
       if (batch == 1) {
         const double limit = read_bw / dj["bytes_read_per_step"].get<double>();
         extra = "  memory-bound limit " + Fmt("%.2f", limit) + " tokens/s (" +
                 Fmt("%.0f", 100 * tps / limit) + "%)";
-      } else if (kk == layers && b1_off > 0) {
-        extra = "  " + Fmt("%.1f", tps / b1_off) + "x batch 1";
+      } else if (kk == layers && b1_off[impl] > 0) {
+        extra = "  " + Fmt("%.1f", tps / b1_off[impl]) + "x batch 1";
       }
-      std::printf("decode batch %-2d %-9s %9.3f s/step %7.2f tokens/s%s\n", batch,
-                  kk == layers ? "VTW off" : ("K=" + std::to_string(kk)).c_str(),
+      std::printf("decode batch %-2d %-7s %-5s %9.3f s/step %7.2f tokens/s%s\n", batch,
+                  kk == layers ? "VTW off" : ("K=" + std::to_string(kk)).c_str(), impl.c_str(),
                   dj["median_step_seconds"].get<double>(), tps, extra.c_str());
     }
     auto print_profile = [](const std::string& what, const json& p) {
@@ -620,7 +659,8 @@ void PrintSummary(const Options& o, const json& all) {
     }
     for (const json& dj : m["decode"]) {
       if (dj.contains("profile")) {
-        print_profile("one decode step at batch " + std::to_string(dj["batch"].get<int>()),
+        print_profile("one decode step at batch " + std::to_string(dj["batch"].get<int>()) +
+                          ", " + dj.value("decode_attention", std::string("bmm")) + " attention",
                       dj["profile"]);
       }
     }

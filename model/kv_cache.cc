@@ -1,6 +1,7 @@
 #include "model/kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include <ATen/ATen.h>
 
@@ -44,6 +45,21 @@ void KvCache::Append(int layer, const at::Tensor& k, const at::Tensor& v) {
   k_[layer].narrow(1, length_[layer], n).copy_(k);
   v_[layer].narrow(1, length_[layer], n).copy_(v);
   length_[layer] += n;
+}
+
+void KvCache::AppendOne(int layer, const void* k, const void* v) {
+  Reserve(layer, length_[layer] + 1);
+  TORCH_CHECK(k_[layer].device().is_cpu(), "KvCache::AppendOne: the cache is not on the CPU");
+  const int64_t cap = k_[layer].size(1);
+  const size_t row = static_cast<size_t>(head_dim_) * c10::elementSize(dtype_);
+  char* kd = static_cast<char*>(k_[layer].data_ptr());
+  char* vd = static_cast<char*>(v_[layer].data_ptr());
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    const size_t dst = (h * cap + length_[layer]) * row;
+    std::memcpy(kd + dst, static_cast<const char*>(k) + h * row, row);
+    std::memcpy(vd + dst, static_cast<const char*>(v) + h * row, row);
+  }
+  ++length_[layer];
 }
 
 at::Tensor KvCache::keys(int layer) const {

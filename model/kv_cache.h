@@ -21,11 +21,16 @@ class KvCache {
   KvCache& operator=(KvCache&&) = default;
 
   int num_layers() const { return static_cast<int>(length_.size()); }
+  at::ScalarType dtype() const { return dtype_; }
   // Entries held by `layer`.
   int64_t length(int layer) const { return length_[layer]; }
 
   // Appends `k`, `v` ([kv_heads, n, head_dim]) to `layer`.
   void Append(int layer, const at::Tensor& k, const at::Tensor& v);
+  // Appends one entry from host memory: `k`, `v` point at [kv_heads, head_dim] contiguous values
+  // of the cache's dtype. For CPU caches only; the decode path of LlavaModel::Forward, where
+  // Append's tensor views and copies cost more than the 2 x kv_heads x head_dim values moved.
+  void AppendOne(int layer, const void* k, const void* v);
 
   // Views of the held entries of `layer`: [kv_heads, length, head_dim]. Not contiguous unless
   // length == capacity (the heads are capacity entries apart).

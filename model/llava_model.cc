@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "model/decode_attention.h"
+
 namespace vtw {
 namespace {
 
@@ -204,12 +206,40 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
     at::Tensor k = ApplyRope(Linear(h, lw.k_proj).view({n, kvh, d}), cos, sin);  // [n, KV, D]
     at::Tensor v = Linear(h, lw.v_proj).view({n, kvh, d});                       // [n, KV, D]
 
+    // Decode rows (one new token of a sequence with a cache) in inference go to the fused kernel
+    // after this loop, all at once; every other sequence's output is computed here, in order.
+    const bool fused_decode = !q.requires_grad() && q.device().is_cpu() &&
+                              decode_attention_ == DecodeAttentionImpl::kFused;
+    if (fused_decode) {
+      q = q.contiguous();
+      k = k.contiguous();
+      v = v.contiguous();
+    }
+    const int64_t elem = q.element_size();
     std::vector<at::Tensor> outs;
+    std::vector<int64_t> out_rows;  // first row of each entry of outs
+    std::vector<DecodeAttentionRow> decode_rows;
+    std::vector<int> decode_seqs;
     outs.reserve(num_seqs);
     for (int s = 0; s < num_seqs; ++s) {
       const int64_t ns = seq_len[s];
       if (ns == 0) continue;
       const int64_t r0 = seq_start[s];
+      if (KvCache* cache = batch.seqs[s].cache; ns == 1 && cache && fused_decode) {
+        // A decode row: append its key and value, attend below with the other decode rows.
+        TORCH_CHECK(cache->dtype() == dtype_, "Forward: a KV cache of dtype ",
+                    cache->dtype(), " given to a ", DTypeName(dtype_), " model");
+        cache->AppendOne(layer, static_cast<const char*>(k.data_ptr()) + r0 * kvh * d * elem,
+                         static_cast<const char*>(v.data_ptr()) + r0 * kvh * d * elem);
+        decode_rows.push_back({static_cast<const char*>(q.data_ptr()) + r0 * nh * d * elem,
+                               cache->key_buffer(layer).data_ptr(),
+                               cache->value_buffer(layer).data_ptr(),
+                               cache->capacity(layer) * d, cache->length(layer), /*out=*/nullptr});
+        decode_seqs.push_back(s);
+        out_rows.push_back(r0);
+        outs.emplace_back();  // filled by DecodeAttention below
+        continue;
+      }
       at::Tensor qs = q.narrow(0, r0, ns).permute({1, 0, 2});  // [H, ns, D]
       at::Tensor ks = k.narrow(0, r0, ns).permute({1, 0, 2});  // [KV, ns, D]
       at::Tensor vs = v.narrow(0, r0, ns).permute({1, 0, 2});
@@ -248,6 +278,7 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
           trace->attention[layer].resize(num_seqs);
           trace->attention[layer][s] = probs.narrow(-1, 0, keys).to(at::kFloat).reshape({nh, keys});
         }
+        out_rows.push_back(r0);
         outs.push_back(at::bmm(probs, vs).view({1, nh * d}));  // heads in HF order kv * g + i
         continue;
       }
@@ -296,9 +327,33 @@ ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace
         trace->attention[layer][s] = head_attn.size() == 1 ? head_attn[0] : at::cat(head_attn, 0);
       }
       at::Tensor o = head_outs.size() == 1 ? head_outs[0] : at::cat(head_outs, 0);
+      out_rows.push_back(r0);
       outs.push_back(o.view({nh, ns, d}).permute({1, 0, 2}).reshape({ns, nh * d}));
     }
-    at::Tensor attn = outs.size() == 1 ? outs[0] : at::cat(outs, 0);  // [n, H*D]
+    at::Tensor attn;  // [n, H*D], rows in batch order
+    if (decode_rows.empty()) {
+      attn = outs.size() == 1 ? outs[0] : at::cat(outs, 0);
+    } else {
+      attn = at::empty({n, nh * d}, q.options());
+      const int64_t row_bytes = nh * d * attn.element_size();
+      for (size_t i = 0, di = 0; i < outs.size(); ++i) {
+        if (outs[i].defined()) {
+          attn.narrow(0, out_rows[i], outs[i].size(0)).copy_(outs[i]);
+        } else {
+          decode_rows[di++].out = static_cast<char*>(attn.data_ptr()) + out_rows[i] * row_bytes;
+        }
+      }
+      const bool want_probs = trace && trace->last_row_attention;
+      at::Tensor probs;  // [decode rows, H, max keys] fp32
+      DecodeAttention(decode_rows, nh, kvh, d, dtype_, want_probs ? &probs : nullptr);
+      if (want_probs) {
+        trace->attention[layer].resize(num_seqs);
+        for (size_t i = 0; i < decode_rows.size(); ++i) {
+          trace->attention[layer][decode_seqs[i]] =
+              probs[static_cast<int64_t>(i)].narrow(-1, 0, decode_rows[i].length);
+        }
+      }
+    }
     x = x + Linear(attn, lw.o_proj);
     h = RmsNorm(x, lw.post_attention_layernorm, tc.rms_norm_eps);
     // silu and the product in place on the fresh projection when no gradient flows: the same

@@ -20,6 +20,12 @@
 
 namespace vtw {
 
+// How Forward computes the attention of decode rows (one new token of a sequence with a cache)
+// in inference. kFused (the default): model/decode_attention.h, all decode rows of a layer in
+// one threaded pass over their caches. kBmm: LibTorch batched matmuls per sequence (the code
+// before the fused kernel; kept as the reference for tests and the benchmark's A/B).
+enum class DecodeAttentionImpl { kFused, kBmm };
+
 class LlavaModel {
  public:
   LlavaModel(LlavaConfig config, LlavaWeights weights, at::ScalarType dtype);
@@ -52,11 +58,15 @@ class LlavaModel {
   // A cache for one sequence, pre-sized per layer.
   KvCache NewKvCache(const std::vector<int64_t>& capacity_hint = {}) const;
 
+  DecodeAttentionImpl decode_attention() const { return decode_attention_; }
+  void set_decode_attention(DecodeAttentionImpl impl) { decode_attention_ = impl; }
+
  private:
   LlavaConfig config_;
   LlavaWeights weights_;
   at::ScalarType dtype_;
   at::Tensor inv_freq_;  // [head_dim / 2] fp32 RoPE inverse frequencies
+  DecodeAttentionImpl decode_attention_ = DecodeAttentionImpl::kFused;
 };
 
 // Parses "fp32" / "float32" / "bf16" / "bfloat16".

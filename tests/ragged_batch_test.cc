@@ -145,9 +145,10 @@ TEST(RaggedBatch, CachedDecodingEqualsFullRecomputation) {
   }
 }
 
-// Decode rows multiply the cache's whole zero-padded buffer when it is at most 2x the held
-// entries (LlavaModel::Forward): the logits must not depend on the spare capacity, in fp32 and in
-// bf16, whether the buffer is read whole (spare 1, 20) or as a view of the held entries (4000).
+// Decode rows read the cache's buffers (LlavaModel::Forward): the fused kernel reads the held
+// entries of each head; the bmm path multiplies the whole zero-padded buffer when it is at most 2x
+// the held entries and a view otherwise. The logits and the recorded attention must not depend on
+// the spare capacity nor on the implementation, in fp32 and in bf16.
 TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
   const auto& c = OracleCases()[2];
   const PromptLayout layout = OracleLayout(c);
@@ -158,7 +159,12 @@ TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
         (*model)->EncodeImages(testing::OracleTensor(c["pixel_values"]["file"]))[0];
     for (int k : {2, 4}) {
       std::vector<at::Tensor> per_spare, per_spare_attention;
-      for (int64_t spare : {0, 1, 20, 4000}) {
+      constexpr auto kFused = DecodeAttentionImpl::kFused, kBmm = DecodeAttentionImpl::kBmm;
+      const std::pair<int64_t, DecodeAttentionImpl> variants[] = {
+          {0, kFused}, {1, kFused}, {20, kFused}, {4000, kFused}, {0, kBmm}, {1, kBmm},
+          {20, kBmm},  {4000, kBmm}};
+      for (const auto& [spare, impl] : variants) {
+        (*model)->set_decode_attention(impl);
         const int layers = (*model)->config().text.num_hidden_layers;
         std::vector<int64_t> cap(layers);
         for (int l = 0; l < layers; ++l) {
@@ -198,7 +204,7 @@ TEST(RaggedBatch, DecodeLogitsDoNotDependOnCacheCapacity) {
       for (size_t i = 1; i < per_spare.size(); ++i) {
         // The same products over the held entries, plus exact zeros: equal up to summation order.
         EXPECT_LT(MaxAbsDiff(per_spare[i], per_spare[0]), dtype == at::kFloat ? 1e-4 : 0.05)
-            << DTypeName(dtype) << " K=" << k << " spare case " << i;
+            << DTypeName(dtype) << " K=" << k << " spare/implementation case " << i;
       }
     }
   }
