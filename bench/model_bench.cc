@@ -20,7 +20,7 @@ namespace {
 using bench::MediumConfig;
 
 
-const LlavaModel& Model(const std::string& which, at::ScalarType dtype) {
+LlavaModel& Model(const std::string& which, at::ScalarType dtype) {
   static std::map<std::pair<std::string, int>, std::unique_ptr<LlavaModel>> cache;
   auto key = std::make_pair(which, static_cast<int>(dtype));
   auto& slot = cache[key];
@@ -89,9 +89,12 @@ void BM_Prefill(benchmark::State& state, const std::string& which, at::ScalarTyp
   state.counters["flops_ideal_speedup"] = static_cast<double>(f.flops_without_vtw) / f.flops;
 }
 
+// Args: batch, K (-1: VTW off), decode attention (0: fused kernel, 1: batched matmuls).
 void BM_Decode(benchmark::State& state, const std::string& which, at::ScalarType dtype) {
   SetThreads();
-  const LlavaModel& m = Model(which, dtype);
+  LlavaModel& m = Model(which, dtype);
+  m.set_decode_attention(state.range(2) == 1 ? DecodeAttentionImpl::kBmm
+                                             : DecodeAttentionImpl::kFused);
   const int batch = static_cast<int>(state.range(0));
   const int layers = m.num_layers();
   const int k = state.range(1) < 0 ? layers : static_cast<int>(state.range(1));
@@ -135,10 +138,12 @@ BENCHMARK_CAPTURE(BM_Prefill, medium_fp32, "medium", at::kFloat)->Arg(-1)->Arg(4
     ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK_CAPTURE(BM_Prefill, medium_bf16, "medium", at::kBFloat16)->Arg(-1)->Arg(4)
     ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK_CAPTURE(BM_Decode, oracle_fp32, "oracle", at::kFloat)->Args({1, -1})
+BENCHMARK_CAPTURE(BM_Decode, oracle_fp32, "oracle", at::kFloat)->Args({1, -1, 0})
+    ->Args({1, -1, 1})->Args({8, -1, 0})->Args({8, -1, 1})
     ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(100);
-BENCHMARK_CAPTURE(BM_Decode, medium_fp32, "medium", at::kFloat)->Args({1, -1})->Args({1, 4})
-    ->Args({8, -1})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(100);
+BENCHMARK_CAPTURE(BM_Decode, medium_fp32, "medium", at::kFloat)->Args({1, -1, 0})
+    ->Args({1, -1, 1})->Args({1, 4, 0})->Args({8, -1, 0})->Args({8, -1, 1})
+    ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(100);
 
 }  // namespace
 }  // namespace vtw
