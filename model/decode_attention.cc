@@ -133,14 +133,16 @@ void Run(const std::vector<DecodeAttentionRow>& rows, int64_t heads, int64_t kv_
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t group = heads / kv_heads;
-  int64_t max_len = 0;
-  for (const DecodeAttentionRow& r : rows) max_len = std::max(max_len, r.length);
+  int64_t max_len = 0, total_len = 0;
+  for (const DecodeAttentionRow& r : rows) {
+    max_len = std::max(max_len, r.length);
+    total_len += r.length;
+  }
   // Divided, not multiplied by the reciprocal: HF's `scores / sqrt(head_dim)` in fp32.
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
 
-  // (row, KV head) pairs per thread at least: small caches run on the calling thread.
-  int64_t total_len = 0;
-  for (const DecodeAttentionRow& r : rows) total_len += r.length;
+  // The fewest (row, KV head) pairs a thread takes (the work of a pair: its keys x the group's
+  // queries); with grain pairs or fewer in all, everything runs on the calling thread.
   const int64_t pair_elements = std::max<int64_t>(1, total_len / n * group * d);
   const int64_t grain = std::max<int64_t>(1, kParallelMinElements / pair_elements);
 
