@@ -1,9 +1,11 @@
 #include "model/decode_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -12,14 +14,14 @@
 #include <ATen/record_function.h>
 
 // The inner loops are plain C++ written so that the compiler vectorises them (independent lanes,
-// no reassociation needed), compiled once per instruction set and picked at load time by the
-// dynamic loader (target_clones: an ifunc), so one binary runs everywhere and uses AVX-512 where
-// the CPU has it. The clones are entered once per (row, KV head), not per key.
+// no reassociation needed), compiled once per instruction set (x86-64-v4 = AVX-512, x86-64-v3 =
+// AVX2 + FMA, and the baseline) and picked once per process from what the CPU supports, so one
+// binary runs everywhere and uses AVX-512 where the CPU has it. The chosen functions are entered
+// once per (row, KV head), not per key. Tests force each set the CPU has
+// (SetDecodeAttentionIsaForTesting), so all three are checked on an AVX-512 machine.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VTW_KERNEL_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VTW_KERNEL_CLONES
+#define VTW_KERNEL_X86 1
+#define VTW_TARGET(arch) __attribute__((target("arch=" arch)))
 #endif
 #define VTW_INLINE inline __attribute__((always_inline))
 
@@ -109,21 +111,61 @@ VTW_INLINE void WeightedSumImpl(const float* p, const T* v, int64_t length, int6
   }
 }
 
-VTW_KERNEL_CLONES void ScoresF32(const float* q, const float* k, int64_t length, int64_t d,
-                                 float sqrt_d, float* s, int64_t s_stride) {
-  ScoresImpl(q, k, length, d, sqrt_d, s, s_stride);
+// One set of the four inner functions per instruction set.
+struct KernelSet {
+  const char* isa;
+  void (*scores_f32)(const float*, const float*, int64_t, int64_t, float, float*, int64_t);
+  void (*scores_bf16)(const float*, const uint16_t*, int64_t, int64_t, float, float*, int64_t);
+  void (*weighted_sum_f32)(const float*, const float*, int64_t, int64_t, float*);
+  void (*weighted_sum_bf16)(const float*, const uint16_t*, int64_t, int64_t, float*);
+};
+
+#define VTW_DEFINE_KERNEL_SET(name, isa_name, attr)                                               \
+  attr void name##ScoresF32(const float* q, const float* k, int64_t length, int64_t d,           \
+                            float sqrt_d, float* s, int64_t s_stride) {                          \
+    ScoresImpl(q, k, length, d, sqrt_d, s, s_stride);                                           \
+  }                                                                                              \
+  attr void name##ScoresBf16(const float* q, const uint16_t* k, int64_t length, int64_t d,       \
+                             float sqrt_d, float* s, int64_t s_stride) {                         \
+    ScoresImpl(q, k, length, d, sqrt_d, s, s_stride);                                           \
+  }                                                                                              \
+  attr void name##WeightedSumF32(const float* p, const float* v, int64_t length, int64_t d,      \
+                                 float* acc) {                                                   \
+    WeightedSumImpl(p, v, length, d, acc);                                                       \
+  }                                                                                              \
+  attr void name##WeightedSumBf16(const float* p, const uint16_t* v, int64_t length, int64_t d,  \
+                                  float* acc) {                                                  \
+    WeightedSumImpl(p, v, length, d, acc);                                                       \
+  }                                                                                              \
+  constexpr KernelSet k##name = {isa_name, name##ScoresF32, name##ScoresBf16,                    \
+                                 name##WeightedSumF32, name##WeightedSumBf16};
+
+VTW_DEFINE_KERNEL_SET(Baseline, "default", )
+#ifdef VTW_KERNEL_X86
+VTW_DEFINE_KERNEL_SET(X86V3, "x86-64-v3", VTW_TARGET("x86-64-v3"))
+VTW_DEFINE_KERNEL_SET(X86V4, "x86-64-v4", VTW_TARGET("x86-64-v4"))
+#endif
+
+// The kernel sets this CPU can run, best first.
+std::vector<const KernelSet*> Supported() {
+  std::vector<const KernelSet*> out;
+#ifdef VTW_KERNEL_X86
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512cd");
+  if (v4) out.push_back(&kX86V4);
+  if (v3) out.push_back(&kX86V3);
+#endif
+  out.push_back(&kBaseline);
+  return out;
 }
-VTW_KERNEL_CLONES void ScoresBf16(const float* q, const uint16_t* k, int64_t length, int64_t d,
-                                  float sqrt_d, float* s, int64_t s_stride) {
-  ScoresImpl(q, k, length, d, sqrt_d, s, s_stride);
-}
-VTW_KERNEL_CLONES void WeightedSumF32(const float* p, const float* v, int64_t length, int64_t d,
-                                      float* acc) {
-  WeightedSumImpl(p, v, length, d, acc);
-}
-VTW_KERNEL_CLONES void WeightedSumBf16(const float* p, const uint16_t* v, int64_t length,
-                                       int64_t d, float* acc) {
-  WeightedSumImpl(p, v, length, d, acc);
+
+std::atomic<const KernelSet*>& Selected() {
+  static std::atomic<const KernelSet*> selected{Supported().front()};
+  return selected;
 }
 
 // The typed kernel: T is float or uint16_t (bf16 bits).
@@ -131,6 +173,7 @@ template <typename T>
 void Run(const std::vector<DecodeAttentionRow>& rows, int64_t heads, int64_t kv_heads, int64_t d,
          at::Tensor* probs_out) {
   constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+  const KernelSet& kernels = *Selected().load();
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t group = heads / kv_heads;
   int64_t max_len = 0, total_len = 0;
@@ -160,9 +203,9 @@ void Run(const std::vector<DecodeAttentionRow>& rows, int64_t heads, int64_t kv_
       for (int64_t g = 0; g < group; ++g) {
         float* s = sc + ((pair / kv_heads) * heads + kv * group + g) * max_len;
         if constexpr (kBf16) {
-          ScoresBf16(qf.data() + g * d, k, r.length, d, sqrt_d, s, 1);
+          kernels.scores_bf16(qf.data() + g * d, k, r.length, d, sqrt_d, s, 1);
         } else {
-          ScoresF32(qf.data() + g * d, k, r.length, d, sqrt_d, s, 1);
+          kernels.scores_f32(qf.data() + g * d, k, r.length, d, sqrt_d, s, 1);
         }
         std::fill(s + r.length, s + max_len, -std::numeric_limits<float>::infinity());
       }
@@ -182,9 +225,9 @@ void Run(const std::vector<DecodeAttentionRow>& rows, int64_t heads, int64_t kv_
         const int64_t h = kv * group + g;
         const float* ph = pp + ((pair / kv_heads) * heads + h) * max_len;
         if constexpr (kBf16) {
-          WeightedSumBf16(ph, v, r.length, d, acc.data());
+          kernels.weighted_sum_bf16(ph, v, r.length, d, acc.data());
         } else {
-          WeightedSumF32(ph, v, r.length, d, acc.data());
+          kernels.weighted_sum_f32(ph, v, r.length, d, acc.data());
         }
         T* out = static_cast<T*>(r.out) + h * d;
         for (int64_t i = 0; i < d; ++i) Store(acc[i], out + i);
@@ -217,17 +260,16 @@ void DecodeAttention(const std::vector<DecodeAttentionRow>& rows, int64_t heads,
   }
 }
 
-const char* DecodeAttentionIsa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512cd")) {
-    return "x86-64-v4";
+const char* DecodeAttentionIsa() { return Selected().load()->isa; }
+
+bool SetDecodeAttentionIsaForTesting(const std::string& isa) {
+  for (const KernelSet* k : Supported()) {
+    if (isa == k->isa) {
+      Selected().store(k);
+      return true;
+    }
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "x86-64-v3";
-#endif
-  return "default";
+  return false;
 }
 
 }  // namespace vtw

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -34,8 +35,12 @@ struct DecodeAttentionRow {
 void DecodeAttention(const std::vector<DecodeAttentionRow>& rows, int64_t heads, int64_t kv_heads,
                      int64_t head_dim, at::ScalarType dtype, at::Tensor* probs = nullptr);
 
-// Which vector instruction set the kernel runs with on this CPU ("x86-64-v4", "x86-64-v3" or
-// "default"), for the benchmark's report.
+// Which vector instruction set the kernel runs with ("x86-64-v4", "x86-64-v3" or "default"):
+// the best this CPU supports, for the benchmarks' reports.
 const char* DecodeAttentionIsa();
+
+// Tests: run the kernel with `isa` from now on (process-wide). False, and no change, when this
+// CPU cannot run it.
+bool SetDecodeAttentionIsaForTesting(const std::string& isa);
 
 }  // namespace vtw

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "model/decode_attention.h"
@@ -65,7 +67,22 @@ void Check(const Case& c, at::ScalarType dtype) {
   }
 }
 
-TEST(DecodeAttention, MatchesFp64ReferenceFp32) {
+// Every instruction set this CPU can run (the kernel is compiled once per set; a machine with
+// AVX-512 runs all three), restoring the default afterwards.
+class DecodeAttentionPerIsa : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    default_isa_ = DecodeAttentionIsa();
+    if (!SetDecodeAttentionIsaForTesting(GetParam())) {
+      GTEST_SKIP() << "this CPU cannot run " << GetParam();
+    }
+    ASSERT_EQ(std::string(DecodeAttentionIsa()), GetParam());
+  }
+  void TearDown() override { ASSERT_TRUE(SetDecodeAttentionIsaForTesting(default_isa_)); }
+  std::string default_isa_;
+};
+
+TEST_P(DecodeAttentionPerIsa, MatchesFp64ReferenceFp32) {
   at::manual_seed(1);
   Check({32, 32, 128, {628}, 0}, at::kFloat);                // 7B shape, full buffer
   Check({4, 4, 16, {1, 2, 3, 4, 5, 9}, 3}, at::kFloat);       // tiny lengths, 4-key step tails
@@ -73,12 +90,26 @@ TEST(DecodeAttention, MatchesFp64ReferenceFp32) {
   Check({2, 1, 7, {13}, 0}, at::kFloat);                      // D below one vector
 }
 
-TEST(DecodeAttention, MatchesFp64ReferenceBf16) {
+TEST_P(DecodeAttentionPerIsa, MatchesFp64ReferenceBf16) {
   at::manual_seed(2);
   Check({32, 32, 128, {628, 45, 300}, 5}, at::kBFloat16);  // 7B shape, a withdrawn-layer length
   Check({4, 4, 16, {1, 2, 3, 4, 5, 9}, 3}, at::kBFloat16);
   Check({8, 2, 24, {37, 64}, 11}, at::kBFloat16);
   Check({16, 4, 64, {130}, 0}, at::kBFloat16);            // the medium geometry's heads
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, DecodeAttentionPerIsa,
+                         ::testing::Values("x86-64-v4", "x86-64-v3", "default"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+TEST(DecodeAttention, UnknownIsaIsRefused) {
+  const std::string before = DecodeAttentionIsa();
+  EXPECT_FALSE(SetDecodeAttentionIsaForTesting("x86-64-v9"));
+  EXPECT_EQ(std::string(DecodeAttentionIsa()), before);
 }
 
 TEST(DecodeAttention, LargeScoresDoNotOverflow) {
