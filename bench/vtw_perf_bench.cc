@@ -618,7 +618,7 @@ void PrintSummary(const Options& o, const json& all) {
     std::printf("vision + prefill speed-up    %9.2fx (FLOPs-ideal %.2fx)\n",
                 p["with_vision_speedup"].get<double>(),
                 p["with_vision_flops_ideal_speedup"].get<double>());
-    std::printf("decode attention kernel: %s clone\n",
+    std::printf("decode attention kernel: %s build\n",
                 m.value("decode_attention_isa", std::string("?")).c_str());
     std::map<std::string, double> b1_off;  // per decode attention implementation
     for (const json& dj : m["decode"]) {
