@@ -45,9 +45,9 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/bench_common.h"
+#include "server/generator.h"
+#include "server/model_bundle.h"
 #include "vtw/compute_model.h"
-#include "vtw/generator.h"
-#include "vtw/model_bundle.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
 namespace vtw {

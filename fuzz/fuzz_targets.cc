@@ -22,8 +22,8 @@
 #include "model/safetensors.h"
 #include "model/sampler.h"
 #include "model/tokenizer.h"
+#include "server/model_bundle.h"
 #include "server/validation.h"
-#include "vtw/model_bundle.h"
 
 #ifndef VTW_SOURCE_DIR
 #error "VTW_SOURCE_DIR must be defined (the build does)"

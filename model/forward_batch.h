@@ -16,13 +16,21 @@ enum class TokenKind : uint8_t { kText = 0, kImage = 1 };
 
 // The rows of one sequence in a batch. Rows of a sequence are contiguous and in order.
 struct SequenceChunk {
-  KvCache* cache = nullptr;  // new keys/values are appended; nullptr: no cache (attend within
-                             // the chunk only, as in training)
-  int num_tokens = 0;        // rows of this sequence in the batch
-  // Withdrawal layer K: before decoder layer K runs, this sequence's image rows leave the batch.
-  // K >= num_layers (or any value past the last layer) means no withdrawal.
-  int withdraw_layer = 1 << 30;
-  bool compute_logits = true;  // logits of the sequence's last row
+  // Every field is explicit: in particular there is no default withdrawal layer, so a caller
+  // that means "no withdrawal" says so (vtw::kVtwOff semantics: K = the model's layer count).
+  SequenceChunk(KvCache* cache, int num_tokens, int withdraw_layer, bool compute_logits)
+      : cache(cache),
+        num_tokens(num_tokens),
+        withdraw_layer(withdraw_layer),
+        compute_logits(compute_logits) {}
+
+  KvCache* cache;       // new keys/values are appended; nullptr: no cache (attend within the
+                        // chunk only, as in training)
+  int num_tokens;       // rows of this sequence in the batch
+  // Withdrawal layer K in [0, num_layers]: before decoder layer K runs, this sequence's image
+  // rows leave the batch (model/batch_rows.h). K = num_layers: no withdrawal.
+  int withdraw_layer;
+  bool compute_logits;  // logits of the sequence's last row
 };
 
 struct ForwardBatch {

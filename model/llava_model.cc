@@ -1,12 +1,11 @@
 #include "model/llava_model.h"
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 
 #include <ATen/ATen.h>
 
-#include "model/decode_attention.h"
+#include "model/attention.h"
+#include "model/batch_rows.h"
 
 namespace vtw {
 namespace {
@@ -35,16 +34,91 @@ at::Tensor RotateHalf(const at::Tensor& x) {
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
-// x: [n, heads, D]; cos, sin: [n, D].
-at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
-}
-
-// Upper bound on the fp32 attention scores of one chunk of KV heads (see Forward).
-constexpr int64_t kScoreChunkBytes = int64_t{16} << 20;
-
 at::Tensor LongTensor(const std::vector<int64_t>& v) {
   return at::tensor(v, at::TensorOptions().dtype(at::kLong));
+}
+
+// RoPE tables of the batch's rows (gathered with them when rows are withdrawn).
+struct Rope {
+  at::Tensor cos, sin;  // [rows, D] model dtype
+
+  // x: [rows, heads, D].
+  at::Tensor Apply(const at::Tensor& x) const {
+    return x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
+  }
+};
+
+// positions: [T] original position ids; inv_freq: [D / 2] fp32.
+Rope RopeFor(const std::vector<int64_t>& positions, const at::Tensor& inv_freq,
+             at::ScalarType dtype) {
+  at::Tensor pos = LongTensor(positions).to(at::kFloat);
+  at::Tensor freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);  // [T, D/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                 // [T, D] fp32
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+// Input embeddings [T, Ht]: text rows from embed_tokens, image rows from batch.image_embeds.
+at::Tensor EmbedRows(const ForwardBatch& batch, const at::Tensor& embed_tokens,
+                     at::ScalarType dtype) {
+  const int64_t total = batch.num_tokens(), vocab = embed_tokens.size(0);
+  std::vector<int64_t> image_rows, embed_ids(total);
+  for (int64_t r = 0; r < total; ++r) {
+    const bool image = batch.kinds[r] == TokenKind::kImage;
+    if (image) image_rows.push_back(r);
+    embed_ids[r] = image ? 0 : batch.token_ids[r];
+    TORCH_CHECK(embed_ids[r] >= 0 && embed_ids[r] < vocab, "token id out of range");
+  }
+  at::Tensor x = embed_tokens.index_select(0, LongTensor(embed_ids));
+  if (image_rows.empty()) return x;
+  TORCH_CHECK(batch.image_embeds.defined() &&
+                  batch.image_embeds.size(0) == static_cast<int64_t>(image_rows.size()),
+              "ForwardBatch: image_embeds rows != image rows");
+  return x.index_copy(0, LongTensor(image_rows), batch.image_embeds.to(dtype));
+}
+
+// The forward's one training switch: autograd records it (the trainer, whose weights require
+// grad). Inference then works in place and uses the fused decode kernel; training does not.
+bool RecordsGradient(const at::Tensor& embeddings, const LlamaWeights& w) {
+  return at::GradMode::is_enabled() &&
+         (embeddings.requires_grad() ||
+          (!w.layers.empty() && w.layers[0].q_proj.weight.requires_grad()));
+}
+
+// SwiGLU MLP: down(silu(gate(h)) * up(h)); h: [n, Ht] -> [n, Ht].
+at::Tensor Mlp(const at::Tensor& h, const LlamaLayerWeights& lw, bool training) {
+  at::Tensor gate = Linear(h, lw.gate_proj);  // [n, I]
+  if (training) {
+    gate = at::silu(gate) * Linear(h, lw.up_proj);
+  } else {
+    // In place on the fresh projection: the same values, two fewer [n, I] temporaries.
+    at::silu_(gate).mul_(Linear(h, lw.up_proj));
+  }
+  return Linear(gate, lw.down_proj);
+}
+
+// Logits of each sequence's last row (fp32), and what `trace` asks for after the last layer.
+ForwardOutput OutputLogits(const TextConfig& tc, const LlamaWeights& w, const ForwardBatch& batch,
+                           const BatchRows& rows, const at::Tensor& x, ForwardTrace* trace) {
+  ForwardOutput out;
+  std::vector<int64_t> logit_rows;
+  for (int s = 0; s < static_cast<int>(batch.seqs.size()); ++s) {
+    if (!batch.seqs[s].compute_logits || batch.seqs[s].num_tokens == 0) continue;
+    logit_rows.push_back(rows.LastRowForLogits(s));
+    out.logits_seq.push_back(s);
+  }
+  if (trace && (trace->all_logits || trace->hidden_states)) {
+    at::Tensor normed = RmsNorm(x, w.norm, tc.rms_norm_eps);
+    if (trace->hidden_states) trace->hidden.push_back(normed);
+    if (trace->all_logits) trace->logits_all = at::linear(normed, w.lm_head).to(at::kFloat);
+    trace->final_rows = rows.original_rows();
+  }
+  if (logit_rows.empty()) {
+    out.logits = at::empty({0, tc.vocab_size}, at::kFloat);
+    return out;
+  }
+  at::Tensor last = x.index_select(0, LongTensor(logit_rows));  // [seqs with logits, Ht]
+  out.logits = at::linear(RmsNorm(last, w.norm, tc.rms_norm_eps), w.lm_head).to(at::kFloat);
+  return out;
 }
 
 }  // namespace
@@ -118,281 +192,34 @@ at::Tensor LlavaModel::EncodeImages(const at::Tensor& pixel_values,
 ForwardOutput LlavaModel::Forward(const ForwardBatch& batch, ForwardTrace* trace) const {
   const TextConfig& tc = config_.text;
   const LlamaWeights& w = weights_.text;
-  const int64_t total = batch.num_tokens();
-  const int num_seqs = static_cast<int>(batch.seqs.size());
-  TORCH_CHECK(static_cast<int64_t>(batch.positions.size()) == total &&
-                  static_cast<int64_t>(batch.kinds.size()) == total,
-              "ForwardBatch: token_ids, positions and kinds differ in length");
-
-  // Row bookkeeping (CPU): the sequence of each row, and which image rows exist.
-  std::vector<int> row_seq(total);
-  std::vector<int64_t> image_rows, embed_ids(total), seq_end(num_seqs);
-  {
-    int64_t r = 0;
-    for (int s = 0; s < num_seqs; ++s) {
-      seq_end[s] = r + batch.seqs[s].num_tokens;
-      for (int i = 0; i < batch.seqs[s].num_tokens; ++i, ++r) {
-        TORCH_CHECK(r < total, "ForwardBatch: sequence rows exceed the token count");
-        row_seq[r] = s;
-      }
-    }
-    TORCH_CHECK(r == total, "ForwardBatch: sequence rows do not add up to the token count");
-  }
-  for (int64_t r = 0; r < total; ++r) {
-    const bool image = batch.kinds[r] == TokenKind::kImage;
-    if (image) image_rows.push_back(r);
-    embed_ids[r] = image ? 0 : batch.token_ids[r];
-    TORCH_CHECK(embed_ids[r] >= 0 && embed_ids[r] < tc.vocab_size, "token id out of range");
-  }
-
-  // Input embeddings: [T, Ht].
-  at::Tensor x = w.embed_tokens.index_select(0, LongTensor(embed_ids));
-  if (!image_rows.empty()) {
-    TORCH_CHECK(batch.image_embeds.defined() &&
-                    batch.image_embeds.size(0) == static_cast<int64_t>(image_rows.size()),
-                "ForwardBatch: image_embeds rows != image rows");
-    x = x.index_copy(0, LongTensor(image_rows), batch.image_embeds.to(dtype_));
-  }
-
-  // RoPE tables for the rows: [T, D] fp32 -> model dtype.
-  at::Tensor pos = LongTensor(batch.positions).to(at::kFloat);
-  at::Tensor freqs = pos.unsqueeze(1) * inv_freq_.unsqueeze(0);  // [T, D/2]
-  at::Tensor emb = at::cat({freqs, freqs}, -1);
-  at::Tensor cos = emb.cos().to(dtype_), sin = emb.sin().to(dtype_);
-
-  // Active rows (indices into the original batch), in order.
-  std::vector<int64_t> active(total);
-  for (int64_t r = 0; r < total; ++r) active[r] = r;
-
-  if (trace && trace->hidden_states) trace->hidden.push_back(x);
-  if (trace && trace->last_row_attention) trace->attention.assign(tc.num_hidden_layers, {});
-
   const int64_t nh = tc.num_attention_heads, kvh = tc.num_key_value_heads, d = tc.head_dim;
-  const int64_t group = nh / kvh;
-  const double sqrt_d = std::sqrt(static_cast<double>(d));
-  std::vector<int64_t> seq_start(num_seqs), seq_len(num_seqs);
+  BatchRows rows(batch, tc.num_hidden_layers);
+  at::Tensor x = EmbedRows(batch, w.embed_tokens, dtype_);     // [T, Ht]
+  Rope rope = RopeFor(batch.positions, inv_freq_, dtype_);     // [T, D] each
+  const AttentionSpec spec{nh, kvh, d, dtype_, decode_attention_, RecordsGradient(x, w)};
+  const bool record_hidden = trace && trace->hidden_states;
+  const bool record_attention = trace && trace->last_row_attention;
+  if (record_attention) trace->attention.assign(tc.num_hidden_layers, {});
+  if (record_hidden) trace->hidden.push_back(x);
 
   for (int layer = 0; layer < tc.num_hidden_layers; ++layer) {
-    // Withdrawal: image rows of sequences whose K <= layer leave the batch (a row gather).
-    std::vector<int64_t> keep_local;
-    keep_local.reserve(active.size());
-    for (size_t i = 0; i < active.size(); ++i) {
-      const int64_t r = active[i];
-      const bool withdraw = batch.kinds[r] == TokenKind::kImage &&
-                            batch.seqs[row_seq[r]].withdraw_layer <= layer;
-      if (!withdraw) keep_local.push_back(static_cast<int64_t>(i));
+    // VTW: image rows of the sequences whose K <= layer leave the batch (one row gather).
+    rows.WithdrawImageRows(layer, {&x, &rope.cos, &rope.sin});
+    const int64_t n = x.size(0);  // 0: every row withdrawn (a prefill chunk of image rows only)
+    if (n > 0) {
+      const LlamaLayerWeights& lw = w.layers[layer];
+      at::Tensor h = RmsNorm(x, lw.input_layernorm, tc.rms_norm_eps);      // [n, Ht]
+      at::Tensor q = rope.Apply(Linear(h, lw.q_proj).view({n, nh, d}));    // [n, H, D]
+      at::Tensor k = rope.Apply(Linear(h, lw.k_proj).view({n, kvh, d}));   // [n, KV, D]
+      at::Tensor v = Linear(h, lw.v_proj).view({n, kvh, d});               // [n, KV, D]
+      at::Tensor attn = CausalAttention(spec, layer, q, k, v, rows.sequences(),
+                                        record_attention ? &trace->attention[layer] : nullptr);
+      x = x + Linear(attn, lw.o_proj);  // attn: [n, H * D]
+      x = x + Mlp(RmsNorm(x, lw.post_attention_layernorm, tc.rms_norm_eps), lw, spec.training);
     }
-    if (keep_local.size() != active.size()) {
-      at::Tensor idx = LongTensor(keep_local);
-      x = x.index_select(0, idx);
-      cos = cos.index_select(0, idx);
-      sin = sin.index_select(0, idx);
-      std::vector<int64_t> next(keep_local.size());
-      for (size_t i = 0; i < keep_local.size(); ++i) next[i] = active[keep_local[i]];
-      active = std::move(next);
-    }
-    std::fill(seq_len.begin(), seq_len.end(), 0);
-    for (size_t i = active.size(); i-- > 0;) seq_start[row_seq[active[i]]] = i;
-    for (int64_t r : active) ++seq_len[row_seq[r]];
-
-    const LlamaLayerWeights& lw = w.layers[layer];
-    const int64_t n = x.size(0);
-    if (n == 0) {  // every row withdrawn (a prefill chunk of image rows only)
-      if (trace && trace->hidden_states) trace->hidden.push_back(x);
-      continue;
-    }
-    at::Tensor h = RmsNorm(x, lw.input_layernorm, tc.rms_norm_eps);
-    at::Tensor q = ApplyRope(Linear(h, lw.q_proj).view({n, nh, d}), cos, sin);   // [n, H, D]
-    at::Tensor k = ApplyRope(Linear(h, lw.k_proj).view({n, kvh, d}), cos, sin);  // [n, KV, D]
-    at::Tensor v = Linear(h, lw.v_proj).view({n, kvh, d});                       // [n, KV, D]
-
-    // Decode rows (one new token of a sequence with a cache) in inference go to the fused kernel
-    // after this loop, all at once; every other sequence's output is computed here, in order.
-    const bool fused_decode = !q.requires_grad() && q.device().is_cpu() &&
-                              decode_attention_ == DecodeAttentionImpl::kFused;
-    if (fused_decode) {
-      q = q.contiguous();
-      k = k.contiguous();
-      v = v.contiguous();
-    }
-    const int64_t elem = q.element_size();
-    std::vector<at::Tensor> outs;
-    std::vector<int64_t> out_rows;  // first row of each entry of outs
-    std::vector<DecodeAttentionRow> decode_rows;
-    std::vector<int> decode_seqs;
-    outs.reserve(num_seqs);
-    for (int s = 0; s < num_seqs; ++s) {
-      const int64_t ns = seq_len[s];
-      if (ns == 0) continue;
-      const int64_t r0 = seq_start[s];
-      if (KvCache* cache = batch.seqs[s].cache; ns == 1 && cache && fused_decode) {
-        // A decode row: append its key and value, attend below with the other decode rows.
-        TORCH_CHECK(cache->dtype() == dtype_, "Forward: a KV cache of dtype ",
-                    cache->dtype(), " given to a ", DTypeName(dtype_), " model");
-        cache->AppendOne(layer, static_cast<const char*>(k.data_ptr()) + r0 * kvh * d * elem,
-                         static_cast<const char*>(v.data_ptr()) + r0 * kvh * d * elem);
-        decode_rows.push_back({static_cast<const char*>(q.data_ptr()) + r0 * nh * d * elem,
-                               cache->key_buffer(layer).data_ptr(),
-                               cache->value_buffer(layer).data_ptr(),
-                               cache->capacity(layer) * d, cache->length(layer), /*out=*/nullptr});
-        decode_seqs.push_back(s);
-        out_rows.push_back(r0);
-        outs.emplace_back();  // filled by DecodeAttention below
-        continue;
-      }
-      at::Tensor qs = q.narrow(0, r0, ns).permute({1, 0, 2});  // [H, ns, D]
-      at::Tensor ks = k.narrow(0, r0, ns).permute({1, 0, 2});  // [KV, ns, D]
-      at::Tensor vs = v.narrow(0, r0, ns).permute({1, 0, 2});
-      int64_t past = 0, keys = ns, cols = ns;  // keys: entries seen; cols: columns multiplied
-      if (KvCache* cache = batch.seqs[s].cache) {
-        past = cache->length(layer);
-        cache->Append(layer, ks, vs);
-        keys = past + ns;
-        const int64_t cap = cache->capacity(layer);
-        if (ns == 1 && cap <= 2 * keys) {
-          // A decode row multiplies the cache's whole contiguous buffer (zeros past `keys`,
-          // given probability 0): LibTorch's bf16 batched matmul copies a non-contiguous
-          // operand (the [KV, keys, D] view of a longer buffer) first, which made q.K^T of a
-          // 7B decode row 2.6x slower (0.75 vs 0.29 ms per layer). Past 2x the entries, reading
-          // the spare zeros would cost more than the copy.
-          ks = cache->key_buffer(layer);  // [KV, cap, D]
-          vs = cache->value_buffer(layer);
-          cols = cap;
-        } else {
-          ks = cache->keys(layer);  // [KV, past + ns, D]
-          vs = cache->values(layer);
-          cols = keys;
-        }
-      }
-      if (ns == 1 && !q.requires_grad()) {
-        // One decode row (inference): the same arithmetic as below with a third of the ops
-        // (a 7B decode step at batch 16 runs this 512 times), no mask tensor, no head chunks.
-        at::Tensor sc = at::bmm(q.select(0, r0).view({kvh, group, d}), ks.transpose(1, 2));
-        sc.div_(sqrt_d);  // [KV, g, cols]
-        if (cols > keys) {
-          sc.narrow(-1, keys, cols - keys).fill_(-std::numeric_limits<float>::infinity());
-        }
-        at::Tensor probs = dtype_ == at::kBFloat16 ? at::softmax(sc, -1)
-                                                   : at::softmax(sc, -1, at::kFloat).to(dtype_);
-        if (trace && trace->last_row_attention) {
-          trace->attention[layer].resize(num_seqs);
-          trace->attention[layer][s] = probs.narrow(-1, 0, keys).to(at::kFloat).reshape({nh, keys});
-        }
-        out_rows.push_back(r0);
-        outs.push_back(at::bmm(probs, vs).view({1, nh * d}));  // heads in HF order kv * g + i
-        continue;
-      }
-      at::Tensor mask;  // row i may see keys j <= past + i (never the zeros past `keys`)
-      if (ns > 1 || cols > keys) {
-        mask = at::ones({ns, cols}, at::TensorOptions().dtype(at::kBool)).triu(past + 1);
-      }
-      // KV heads in chunks whose fp32 scores stay under kScoreChunkBytes: heads are independent,
-      // so the result is the same, and the temporaries stay small enough for the allocator to
-      // reuse them instead of mapping fresh pages per layer (a prefill of 576 image tokens on
-      // 32 heads would otherwise fault in ~100 MB of new pages per layer).
-      const int64_t head_bytes = group * ns * cols * static_cast<int64_t>(sizeof(float));
-      const int64_t chunks =
-          std::clamp<int64_t>((kvh * head_bytes + kScoreChunkBytes - 1) / kScoreChunkBytes, 1, kvh);
-      const int64_t per_chunk = (kvh + chunks - 1) / chunks;
-      std::vector<at::Tensor> head_outs, head_attn;
-      for (int64_t h0 = 0; h0 < kvh; h0 += per_chunk) {
-        const int64_t hc = std::min(per_chunk, kvh - h0);
-        at::Tensor qc = qs.narrow(0, h0 * group, hc * group).reshape({hc, group * ns, d});
-        at::Tensor scores = at::bmm(qc, ks.narrow(0, h0, hc).transpose(1, 2));
-        // In place on the fresh product when no gradient flows (inference): the same values,
-        // fewer large temporaries. Training (autograd) keeps the out-of-place ops.
-        const bool inplace = !scores.requires_grad();
-        scores = inplace ? scores.div_(sqrt_d) : scores / sqrt_d;
-        scores = scores.view({hc, group, ns, cols});
-        if (mask.defined()) {
-          const double ninf = -std::numeric_limits<float>::infinity();
-          scores = inplace ? scores.masked_fill_(mask, ninf) : scores.masked_fill(mask, ninf);
-        }
-        // HF: softmax in fp32, then cast to the model dtype. In bf16 inference, LibTorch's bf16
-        // softmax does the same arithmetic in fp32 and rounds once, ~5x faster than converting
-        // the scores to fp32 first (16% of a profiled 7B prefill before); about 1 probability in
-        // 10^5 differs from the convert-then-cast result, by 1 bf16 ulp. Training keeps fp32.
-        at::Tensor probs = inplace && dtype_ == at::kBFloat16
-                               ? at::softmax(scores, -1)
-                               : at::softmax(scores, -1, at::kFloat);  // [hc, g, ns, cols]
-        if (trace && trace->last_row_attention) {
-          head_attn.push_back(probs.select(2, ns - 1).narrow(-1, 0, keys).to(at::kFloat)
-                                  .reshape({hc * group, keys}));
-        }
-        head_outs.push_back(
-            at::bmm(probs.to(dtype_).view({hc, group * ns, cols}), vs.narrow(0, h0, hc)));
-      }
-      if (trace && trace->last_row_attention) {
-        trace->attention[layer].resize(num_seqs);
-        trace->attention[layer][s] = head_attn.size() == 1 ? head_attn[0] : at::cat(head_attn, 0);
-      }
-      at::Tensor o = head_outs.size() == 1 ? head_outs[0] : at::cat(head_outs, 0);
-      out_rows.push_back(r0);
-      outs.push_back(o.view({nh, ns, d}).permute({1, 0, 2}).reshape({ns, nh * d}));
-    }
-    at::Tensor attn;  // [n, H*D], rows in batch order
-    if (decode_rows.empty()) {
-      attn = outs.size() == 1 ? outs[0] : at::cat(outs, 0);
-    } else {
-      attn = at::empty({n, nh * d}, q.options());
-      const int64_t row_bytes = nh * d * attn.element_size();
-      for (size_t i = 0, di = 0; i < outs.size(); ++i) {
-        if (outs[i].defined()) {
-          attn.narrow(0, out_rows[i], outs[i].size(0)).copy_(outs[i]);
-        } else {
-          decode_rows[di++].out = static_cast<char*>(attn.data_ptr()) + out_rows[i] * row_bytes;
-        }
-      }
-      const bool want_probs = trace && trace->last_row_attention;
-      at::Tensor probs;  // [decode rows, H, max keys] fp32
-      DecodeAttention(decode_rows, nh, kvh, d, dtype_, want_probs ? &probs : nullptr);
-      if (want_probs) {
-        trace->attention[layer].resize(num_seqs);
-        for (size_t i = 0; i < decode_rows.size(); ++i) {
-          trace->attention[layer][decode_seqs[i]] =
-              probs[static_cast<int64_t>(i)].narrow(-1, 0, decode_rows[i].length);
-        }
-      }
-    }
-    x = x + Linear(attn, lw.o_proj);
-    h = RmsNorm(x, lw.post_attention_layernorm, tc.rms_norm_eps);
-    // silu and the product in place on the fresh projection when no gradient flows: the same
-    // values, two fewer [rows, I] temporaries per layer.
-    at::Tensor gate = Linear(h, lw.gate_proj);
-    if (gate.requires_grad()) {
-      gate = at::silu(gate) * Linear(h, lw.up_proj);
-    } else {
-      at::silu_(gate).mul_(Linear(h, lw.up_proj));
-    }
-    x = x + Linear(gate, lw.down_proj);
-    if (trace && trace->hidden_states) trace->hidden.push_back(x);
+    if (record_hidden) trace->hidden.push_back(x);
   }
-
-  ForwardOutput out;
-  std::vector<int64_t> logit_rows;
-  for (int s = 0; s < num_seqs; ++s) {
-    if (!batch.seqs[s].compute_logits || batch.seqs[s].num_tokens == 0) continue;
-    TORCH_CHECK(seq_len[s] > 0, "Forward: every row of a sequence needing logits was withdrawn");
-    const int64_t last = seq_start[s] + seq_len[s] - 1;
-    // The sequence's last original row must have survived withdrawal.
-    TORCH_CHECK(active[last] == seq_end[s] - 1,
-                "Forward: the last row of a sequence needing logits was withdrawn");
-    logit_rows.push_back(last);
-    out.logits_seq.push_back(s);
-  }
-  if (trace && (trace->all_logits || trace->hidden_states)) {
-    at::Tensor normed = RmsNorm(x, w.norm, tc.rms_norm_eps);
-    if (trace->hidden_states) trace->hidden.push_back(normed);
-    if (trace->all_logits) trace->logits_all = at::linear(normed, w.lm_head).to(at::kFloat);
-    trace->final_rows = active;
-  }
-  if (!logit_rows.empty()) {
-    at::Tensor rows = x.index_select(0, LongTensor(logit_rows));
-    out.logits = at::linear(RmsNorm(rows, w.norm, tc.rms_norm_eps), w.lm_head).to(at::kFloat);
-  } else {
-    out.logits = at::empty({0, tc.vocab_size}, at::kFloat);
-  }
-  return out;
+  return OutputLogits(tc, w, batch, rows, x, trace);
 }
 
 }  // namespace vtw

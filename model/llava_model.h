@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "model/attention.h"
 #include "model/forward_batch.h"
 #include "model/kv_cache.h"
 #include "model/llava_config.h"
@@ -19,12 +20,6 @@
 #include "model/status.h"
 
 namespace vtw {
-
-// How Forward computes the attention of decode rows (one new token of a sequence with a cache)
-// in inference. kFused (the default): model/decode_attention.h, all decode rows of a layer in
-// one threaded pass over their caches. kBmm: LibTorch batched matmuls per sequence (the code
-// before the fused kernel; kept as the reference for tests and the benchmark's A/B).
-enum class DecodeAttentionImpl { kFused, kBmm };
 
 class LlavaModel {
  public:
@@ -48,11 +43,13 @@ class LlavaModel {
   at::Tensor EncodeImages(const at::Tensor& pixel_values,
                           std::vector<at::Tensor>* vision_hidden = nullptr) const;
 
-  // Runs the decoder over `batch`. For each sequence, its new keys/values are appended to its
-  // cache (layers >= its withdrawal layer receive no image rows) and, if compute_logits, the
-  // logits of its last row are returned (fp32). `trace` (optional) records more.
-  // Preconditions (programmer errors, checked): row counts add up; image_embeds has one row per
-  // image row; a sequence's last row is not withdrawn when it needs logits.
+  // Runs the decoder over `batch`: per layer, withdraw (model/batch_rows.h), RMSNorm, q/k/v with
+  // RoPE, attention (model/attention.h), o_proj, MLP. For each sequence, its new keys/values are
+  // appended to its cache (layers >= its withdrawal layer receive no image rows) and, if
+  // compute_logits, the logits of its last row are returned (fp32). `trace` (optional) records
+  // more. Preconditions (programmer errors, checked): row counts add up; withdrawal layers in
+  // [0, num_layers]; image_embeds has one row per image row; a sequence's last row is not
+  // withdrawn when it needs logits.
   ForwardOutput Forward(const ForwardBatch& batch, ForwardTrace* trace = nullptr) const;
 
   // A cache for one sequence, pre-sized per layer.

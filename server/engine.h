@@ -1,9 +1,16 @@
 // Engine: the one thread that runs the model. It owns the waiting queue, the running batch, the
-// KV caches and the image-feature cache; every step it admits requests (KV budget sized the VTW
-// way), encodes new images in one batch, asks the scheduler for the step's tokens (decode tokens
-// of running requests mixed with chunked prefill of new ones), runs one ragged forward with each
-// request's own withdrawal layer, samples, and reports tokens and terminal statuses to each
-// request's sink. Thread-safety: Submit/Drain/Stop/accessors may be called from any thread.
+// KV caches and the image-feature cache. Each step, top to bottom (Engine::Step):
+//   1. TakeWork: end waiting requests that were cancelled or expired; admit waiting requests
+//      FIFO while their KV reservation (sized the VTW way) fits the budget (server/scheduler.h);
+//   2. StartRequests: encode new images in one batch (cache hits skip the tower), size each
+//      new request's KV cache per layer (vtw/withdrawal.h);
+//   3. DropEndedRequests: running requests cancelled or past their deadline end, caches freed;
+//   4. BuildBatch: the scheduler's plan (decode tokens first, then prefill chunks under the
+//      token budget) as one ragged ForwardBatch, each sequence with its own withdrawal layer;
+//   5. the forward; ConsumeLogits: sample, feed each request's SequenceOutput, stream deltas;
+//   6. release finished requests, update the gauges, then report terminal statuses.
+// FLOPs, tokens, times and the access log go through Accounting (server/accounting.h).
+// Thread-safety: Submit/Drain/WaitIdle/Stop/accessors may be called from any thread.
 #pragma once
 
 #include <atomic>
@@ -15,12 +22,13 @@
 #include <thread>
 #include <vector>
 
+#include "server/accounting.h"
 #include "server/image_cache.h"
 #include "server/metrics.h"
+#include "server/model_bundle.h"
 #include "server/request.h"
 #include "server/scheduler.h"
 #include "vtw/compute_model.h"
-#include "vtw/model_bundle.h"
 
 namespace vtw {
 
@@ -67,16 +75,27 @@ class Engine {
   const ComputeModel& compute() const { return compute_; }
 
  private:
+  // Requests that end, with their terminal status.
+  using Finished = std::vector<std::pair<std::unique_ptr<Request>, Status>>;
+
   void Loop();
+  // Waits for work; false when stopping. Moves cancelled/expired waiting requests to `ended`
+  // and the requests admitted now to `admitted`.
+  bool TakeWork(std::vector<std::unique_ptr<Request>>* admitted, Finished* ended);
   void Step(std::vector<std::unique_ptr<Request>>& admitted);
   void StartRequests(std::vector<std::unique_ptr<Request>>& admitted);
+  // Sets image_features of every admitted request with an image; one tower call for the misses.
+  void EncodeNewImages(std::vector<std::unique_ptr<Request>>& admitted);
+  void DropEndedRequests(Finished* finished);
+  // The step's batch; members[i] = running_ index of batch sequence i.
+  ForwardBatch BuildBatch(std::vector<size_t>* members);
+  void ConsumeLogits(const ForwardOutput& out, const std::vector<size_t>& members,
+                     Finished* finished);
   void Finish(std::unique_ptr<Request> request, const Status& status);
   void FailAll(const Status& status);
   void UpdateGauges();
   // Removes finished (null) entries from running_ and recomputes the reserved KV bytes.
   void ReleaseFinished();
-  // Emits the request's text that is safe to stream (a possible stop-string prefix held back).
-  void EmitDelta(Request& r, std::vector<int32_t> ids, bool final);
 
   const ModelBundle& bundle_;
   const LlavaModel& model_;
@@ -84,11 +103,12 @@ class Engine {
   ServerMetrics* metrics_;
   std::function<void(const std::string&)> on_failure_;
   ComputeModel compute_;
+  Accounting accounting_;
   ImageCache image_cache_;
 
   mutable std::mutex mu_;
-  std::condition_variable cv_;       // wakes the engine
-  std::condition_variable idle_cv_;  // wakes WaitIdle
+  std::condition_variable cv_;                    // wakes the engine
+  std::condition_variable idle_cv_;               // wakes WaitIdle
   std::deque<std::unique_ptr<Request>> waiting_;  // guarded by mu_
   int64_t kv_reserved_ = 0;                       // guarded by mu_ (running requests)
   bool draining_ = false, stopping_ = false;      // guarded by mu_

@@ -15,11 +15,11 @@
 
 #include "model/kv_cache.h"
 #include "model/sampler.h"
+#include "model/sequence_output.h"
 #include "model/status.h"
-#include "model/tokenizer.h"
 #include "server/image_cache.h"
+#include "server/model_bundle.h"
 #include "vtw/compute_model.h"
-#include "vtw/model_bundle.h"
 
 namespace vtw {
 
@@ -31,7 +31,7 @@ struct RequestSummary {
   std::vector<int32_t> token_ids;   // generated ids (EOS included when it ended the answer)
   FinishReason finish_reason = FinishReason::kNone;
   int64_t prompt_tokens = 0, image_tokens = 0;
-  int withdraw_layer = 0;           // K (num_layers when off)
+  int withdraw_layer = 0;           // K (vtw/withdrawal.h: num_layers when off)
   bool vtw_applied = false;
   int64_t flops = 0, flops_without_vtw = 0;
   int64_t kv_cache_bytes = 0, kv_cache_bytes_without_vtw = 0;
@@ -54,7 +54,7 @@ struct Request {
   ImageKey image_key;
   SamplingParams sampling;
   StopParams stop;
-  int withdraw_layer = 0;
+  int withdraw_layer = -1;  // K in [0, layers] (validation sets it; vtw/withdrawal.h)
   Clock::time_point arrival = Clock::now();
   Clock::time_point deadline = Clock::time_point::max();
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
@@ -64,12 +64,11 @@ struct Request {
   std::vector<int64_t> token_ids;  // prompt (expanded) then generated
   std::vector<TokenKind> kinds;
   int64_t num_computed = 0;        // rows already in the KV cache
-  int64_t image_rows_fed = 0;
-  size_t streamed = 0;             // bytes of summary.text already sent as deltas
+  int64_t image_rows_fed = 0;      // image rows among them
   at::Tensor image_features;       // [num_image_tokens, Ht]
   std::unique_ptr<KvCache> cache;
   std::unique_ptr<Sampler> sampler;
-  std::unique_ptr<IncrementalDetokenizer> detok;
+  std::unique_ptr<SequenceOutput> output;  // text, stop rules, what is safe to stream
   int64_t kv_reserved = 0;
   RequestSummary summary;
   Clock::time_point scheduled_at{}, last_token_at{};

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <random>
 
-#include "vtw/generator.h"
+#include "vtw/withdrawal.h"
 
 namespace vtw {
 namespace {
@@ -72,8 +72,7 @@ StatusOr<std::unique_ptr<Request>> BuildRequest(const ModelBundle& bundle,
   VTW_ASSIGN_OR_RETURN(request->prompt, PreparePrompt(bundle, wire.image(), wire.prompt(),
                                                       /*raw=*/false, max_new_tokens, limits.image));
   if (!wire.image().empty()) request->image_key = HashImageBytes(wire.image());
-  Status withdrawable = CheckWithdrawable(request->prompt.layout, k, num_layers);
-  if (!withdrawable.ok()) return withdrawable;
+  VTW_RETURN_IF_ERROR(CheckWithdrawLayer(request->prompt.layout, k, num_layers));
   request->id = wire.request_id().empty() ? NewRequestId() : wire.request_id().substr(0, 128);
   request->sampling = sampling;
   request->stop.max_new_tokens = max_new_tokens;

@@ -9,8 +9,8 @@
 #include <grpcpp/support/status.h>
 
 #include "model/image_processor.h"
+#include "server/model_bundle.h"
 #include "server/request.h"
-#include "vtw/model_bundle.h"
 #include "vtw/v1/inference.pb.h"
 
 namespace vtw {

@@ -3,9 +3,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "server/generator.h"
 #include "tests/util/oracle.h"
 #include "vtw/compute_model.h"
-#include "vtw/generator.h"
 
 namespace vtw {
 namespace {

@@ -12,12 +12,12 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "server/generator.h"
+#include "server/model_bundle.h"
 #include "tests/util/oracle.h"
 #include "tests/util/subprocess.h"
 #include "tools/vqa_eval.h"
 #include "vtw/calibration.h"
-#include "vtw/generator.h"
-#include "vtw/model_bundle.h"
 #include "vtw/vtw_settings.h"
 
 namespace vtw {

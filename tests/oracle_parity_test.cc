@@ -5,8 +5,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "server/generator.h"
 #include "tests/util/oracle.h"
-#include "vtw/generator.h"
 
 namespace vtw {
 namespace {
@@ -50,7 +50,7 @@ TEST(OracleParity, DecoderHiddenStatesAndAllLogits) {
     ForwardBatch batch;
     batch.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
     batch.image_embeds = CaseFeatures(c);
-    batch.seqs.push_back({nullptr, static_cast<int>(layout.size()), 1 << 30, true});
+    batch.seqs.push_back({nullptr, static_cast<int>(layout.size()), OracleModel().num_layers(), true});
     ForwardTrace trace;
     trace.all_logits = true;
     trace.hidden_states = true;
@@ -93,7 +93,7 @@ TEST(OracleParity, GreedyWithKvCache) {
   for (const auto& c : OracleCases()) {
     SCOPED_TRACE(c["id"].get<std::string>());
     const auto& g = c["models"]["tiny-llava"]["greedy"];
-    GenerateResult r = RunCase(c, 1 << 30);
+    GenerateResult r = RunCase(c, OracleModel().num_layers());
     ExpectGreedyMatches(r, g["new_ids"], g["step_top1_top2_margin"],
                         OracleTensor(g["step_logits_file"]));
   }

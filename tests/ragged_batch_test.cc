@@ -4,8 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "server/generator.h"
 #include "tests/util/oracle.h"
-#include "vtw/generator.h"
 
 namespace vtw {
 namespace {

@@ -12,9 +12,9 @@
 #include <gtest/gtest.h>
 #include <opencv2/imgcodecs.hpp>
 
+#include "server/generator.h"
 #include "tests/util/oracle.h"
 #include "tests/util/test_server.h"
-#include "vtw/generator.h"
 
 namespace vtw {
 namespace {

@@ -14,10 +14,10 @@
 
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
+#include "server/generator.h"
+#include "server/model_bundle.h"
 #include "tools/tokenizer_trainer.h"
 #include "tools/trainer.h"
-#include "vtw/generator.h"
-#include "vtw/model_bundle.h"
 
 namespace vtw::tools {
 namespace {
@@ -154,6 +154,7 @@ TEST_F(TrainerTest, FewStepsLowerTheLossAndTheDirectoryLoads) {
   ASSERT_TRUE(prepared.ok()) << prepared.status().ToString();
   at::Tensor features = (*bundle)->model->EncodeImages(prepared->pixel_values)[0];
   GenerateOptions g;
+  g.withdraw_layer = (*bundle)->model->num_layers();  // VTW off
   g.stop.max_new_tokens = 4;
   g.stop.eos_id = (*bundle)->tokenizer->eos_id();
   auto gen = GenerateOne(*(*bundle)->model, (*bundle)->tokenizer.get(), prepared->layout,

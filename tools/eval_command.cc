@@ -8,10 +8,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "server/model_bundle.h"
 #include "tools/commands.h"
 #include "tools/tool_common.h"
 #include "tools/vqa_eval.h"
-#include "vtw/model_bundle.h"
 
 namespace vtw::tools {
 namespace {

@@ -6,10 +6,10 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "server/generator.h"
+#include "server/model_bundle.h"
 #include "tools/commands.h"
 #include "tools/tool_common.h"
-#include "vtw/generator.h"
-#include "vtw/model_bundle.h"
 
 namespace vtw::tools {
 namespace {

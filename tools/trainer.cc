@@ -28,6 +28,7 @@
 #include "model/prompt_layout.h"
 #include "model/safetensors.h"
 #include "tools/tokenizer_trainer.h"
+#include "vtw/withdrawal.h"
 
 namespace vtw::tools {
 namespace {
@@ -147,11 +148,7 @@ Batch AssembleBatch(const LlavaModel& model, const EncodedSplit& data,
       image_rows += kinds[i] == TokenKind::kImage;
     }
     TORCH_CHECK(image_rows == p, "example image rows differ from the model's image tokens");
-    SequenceChunk chunk;
-    chunk.num_tokens = static_cast<int>(n);
-    chunk.withdraw_layer = withdraw[s];
-    chunk.compute_logits = false;
-    b.fb.seqs.push_back(chunk);
+    b.fb.seqs.push_back({/*cache=*/nullptr, static_cast<int>(n), withdraw[s], /*compute_logits=*/false});
     base += n;
   }
   b.tokens = base;
@@ -951,7 +948,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
         }
       }
     }
-    std::vector<int> withdraw(groups.size(), 1 << 30);
+    std::vector<int> withdraw(groups.size(), WithdrawalOff(layers));
     for (size_t s = 0; s < groups.size(); ++s) {
       if (o.vtw_train_fraction > 0 && Uniform01(rng) < o.vtw_train_fraction) {
         withdraw[s] = o.vtw_train_min_layer +

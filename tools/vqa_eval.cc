@@ -17,9 +17,10 @@
 #include "model/image_processor.h"
 #include "model/sampler.h"
 #include "model/tokenizer.h"
+#include "server/generator.h"
 #include "tools/tool_common.h"
 #include "vtw/calibration.h"
-#include "vtw/generator.h"
+#include "vtw/withdrawal.h"
 
 namespace vtw::tools {
 namespace {
@@ -278,7 +279,7 @@ StatusOr<BlockedGeneration> GenerateBlocked(const ModelBundle& bundle, const Pro
   if (layout.size() + max_new_tokens > model.config().text.max_position_embeddings) {
     return InvalidArgument("prompt + max_new_tokens exceed the context length");
   }
-  const int kOff = 1 << 30;
+  const int kOff = WithdrawalOff(num_layers);
   BlockedGeneration out;
   // Cache `c` is what the text rows and generated tokens attend to.
   KvCache c = model.NewKvCache();
@@ -634,7 +635,7 @@ StatusOr<CalibrationResult> CalibrateVqa(const ModelBundle& bundle,
     if (!layout.ok()) {
       return InvalidArgument("line " + std::to_string(e.line) + ": " + layout.status().message());
     }
-    VTW_RETURN_IF_ERROR(CheckWithdrawable(*layout, 0, num_layers));
+    VTW_RETURN_IF_ERROR(CheckWithdrawLayer(*layout, 0, num_layers));
     VTW_ASSIGN_OR_RETURN(at::Tensor features, cache.Get(e.image));
     samples.push_back({*layout, features, e.type});
   }
@@ -763,7 +764,7 @@ StatusOr<AttentionStudy> StudyAttention(const ModelBundle& bundle,
     ForwardBatch b;
     b.AppendRows(layout.token_ids, layout.kinds, 0, layout.size());
     b.image_embeds = features;
-    b.seqs.push_back({nullptr, static_cast<int>(layout.size()), 1 << 30, true});
+    b.seqs.push_back({nullptr, static_cast<int>(layout.size()), WithdrawalOff(num_layers), true});
     ForwardTrace trace;
     trace.last_row_attention = true;
     model.Forward(b, &trace);

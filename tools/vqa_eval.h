@@ -32,8 +32,8 @@
 
 #include "model/prompt_layout.h"
 #include "model/status.h"
+#include "server/model_bundle.h"
 #include "vtw/compute_model.h"
-#include "vtw/model_bundle.h"
 #include "vtw/vtw_settings.h"
 
 namespace vtw::tools {

@@ -1,6 +1,6 @@
 #include "vtw/compute_model.h"
 
-#include <algorithm>
+#include "vtw/withdrawal.h"
 
 namespace vtw {
 
@@ -51,7 +51,7 @@ Flops ComputeModel::ChunkFlops(const std::vector<TokenKind>& kinds, int64_t begi
       keys_text += text_seen;
     }
   }
-  const int64_t full_layers = std::clamp<int64_t>(withdraw_layer, 0, num_layers_);
+  const int64_t full_layers = LayersWithImageRows(withdraw_layer, num_layers_);
   const int64_t lm = logits ? LmHeadFlops(1) : 0;
   Flops f;
   f.flops_without_vtw = num_layers_ * LayerFlops(rows_all, keys_all) + lm;
@@ -62,7 +62,7 @@ Flops ComputeModel::ChunkFlops(const std::vector<TokenKind>& kinds, int64_t begi
 
 Flops ComputeModel::DecodeStepFlops(int64_t cached_text, int64_t cached_image,
                                     int withdraw_layer) const {
-  const int64_t full_layers = std::clamp<int64_t>(withdraw_layer, 0, num_layers_);
+  const int64_t full_layers = LayersWithImageRows(withdraw_layer, num_layers_);
   const int64_t keys_all = cached_text + cached_image + 1, keys_text = cached_text + 1;
   Flops f;
   f.flops_without_vtw = num_layers_ * LayerFlops(1, keys_all) + LmHeadFlops(1);
@@ -72,8 +72,11 @@ Flops ComputeModel::DecodeStepFlops(int64_t cached_text, int64_t cached_image,
 }
 
 int64_t ComputeModel::KvCacheBytes(int64_t num_text, int64_t num_image, int withdraw_layer) const {
-  const int64_t full_layers = std::clamp<int64_t>(withdraw_layer, 0, num_layers_);
-  return entry_bytes_ * (full_layers * (num_text + num_image) + (num_layers_ - full_layers) * num_text);
+  int64_t entries = 0;
+  for (int l = 0; l < num_layers_; ++l) {
+    entries += KvEntriesAtLayer(l, withdraw_layer, num_text, num_image);
+  }
+  return entry_bytes_ * entries;
 }
 
 }  // namespace vtw

@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "vtw/withdrawal.h"
+
 namespace vtw {
 
 StatusOr<VtwSettings> LoadVtwSettings(const std::string& model_dir, int num_layers) {
@@ -63,15 +65,10 @@ Status SaveVtwSettings(const std::string& model_dir, const VtwSettings& s) {
 StatusOr<int> ResolveWithdrawLayer(const VtwSettings& settings, int num_layers, VtwMode mode,
                                    int layer, const std::string& profile) {
   switch (mode) {
-    case VtwMode::kDefault: return settings.default_layer.value_or(num_layers);
-    case VtwMode::kOff: return num_layers;
+    case VtwMode::kDefault: return settings.default_layer.value_or(WithdrawalOff(num_layers));
+    case VtwMode::kOff: return WithdrawalOff(num_layers);
     case VtwMode::kLayer:
-      if (layer < 0 || layer > num_layers) {
-        return InvalidArgument("VTW layer " + std::to_string(layer) + " is outside [0, " +
-                               std::to_string(num_layers) + "] (the model has " +
-                               std::to_string(num_layers) + " decoder layers; " +
-                               std::to_string(num_layers) + " means no withdrawal)");
-      }
+      VTW_RETURN_IF_ERROR(CheckWithdrawLayerRange(layer, num_layers));
       return layer;
     case VtwMode::kProfile: {
       auto it = settings.profiles.find(profile);
@@ -90,7 +87,7 @@ StatusOr<int> ResolveWithdrawLayer(const VtwSettings& settings, int num_layers, 
 
 StatusOr<int> ParseVtwLayerFlag(const std::string& value, const VtwSettings& settings,
                                 int num_layers) {
-  if (value == "off") return num_layers;
+  if (value == "off") return WithdrawalOff(num_layers);
   if (value == "default" || value == "auto") {
     return ResolveWithdrawLayer(settings, num_layers, VtwMode::kDefault, 0, "");
   }

@@ -1,4 +1,4 @@
-#include "vtw/model_bundle.h"
+#include "server/model_bundle.h"
 
 #include <unistd.h>
 
