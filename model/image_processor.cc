@@ -761,4 +761,17 @@ StatusOr<std::vector<float>> ProcessImageBytes(std::string_view bytes,
   return PreprocessImage(rgb, config);
 }
 
+StatusOr<std::string> ReadImageFile(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return NotFound("file '" + path + "' does not exist");
+  if (std::filesystem::is_directory(path, ec)) {
+    return InvalidArgument("'" + path + "' is a directory, not a file");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return InvalidArgument("cannot read '" + path + "'");
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
+}
+
 }  // namespace vtw

@@ -83,6 +83,10 @@ struct ImageLimits {
 // multiple of the header's width * height * 3 bytes.
 StatusOr<cv::Mat> DecodeImage(std::string_view bytes, const ImageLimits& limits);
 
+// The bytes of an encoded image file (decode them with DecodeImage). NotFound for a missing
+// path, InvalidArgument for a directory or an unreadable file; messages name the path.
+StatusOr<std::string> ReadImageFile(const std::string& path);
+
 // Pillow's Image.resize(size, resample=BICUBIC) for 8-bit images, reproduced bit for bit
 // (Pillow's libImaging/Resample.c): separable, horizontal pass then vertical pass, a pass is
 // skipped when that dimension does not change; cubic kernel with a = -0.5 whose support (2) is

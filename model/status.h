@@ -9,21 +9,30 @@
 
 namespace vtw {
 
+// The canonical status codes, numbered as gRPC's (grpc::StatusCode converts by value).
 enum class StatusCode {
   kOk = 0,
   kCancelled = 1,
+  kUnknown = 2,
   kInvalidArgument = 3,
   kDeadlineExceeded = 4,
   kNotFound = 5,
+  kAlreadyExists = 6,
+  kPermissionDenied = 7,
   kResourceExhausted = 8,
   kFailedPrecondition = 9,
+  kAborted = 10,
   kOutOfRange = 11,
   kUnimplemented = 12,
   kInternal = 13,
   kUnavailable = 14,
   kDataLoss = 15,
+  kUnauthenticated = 16,
 };
+inline constexpr int kNumStatusCodes = 17;
 
+// "OK", "CANCELLED", ..., "UNAUTHENTICATED": the canonical name (the one table of them; gRPC
+// code names come from here too), "UNKNOWN" for a number outside the list.
 const char* StatusCodeName(StatusCode code);
 
 class [[nodiscard]] Status {

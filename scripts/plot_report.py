@@ -196,7 +196,7 @@ def kname(k, layers):
     return "off" if k >= layers else str(k)
 
 
-# Allowed answers per question type (tools/shapes_dataset.h).
+# Allowed answers per question type (shapes/shapes_dataset.h).
 NUM_ANSWERS = {"color": 6, "shape": 3, "count_shape": 5, "count_all": 4, "exists": 2, "side": 2}
 
 

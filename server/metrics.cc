@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include "model/status.h"
+
 namespace vtw {
 namespace {
 
@@ -26,9 +28,8 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                          .Name("vtw_requests_total")
                          .Help("Finished requests by gRPC status code")
                          .Register(r);
-  for (const char* code : {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
-                           "CANCELLED", "UNAVAILABLE", "INTERNAL", "UNAUTHENTICATED"}) {
-    requests_total_->Add({{"code", code}});  // pre-created at 0
+  for (int code = 0; code < kNumStatusCodes; ++code) {  // every code pre-created at 0
+    requests_total_->Add({{"code", StatusCodeName(static_cast<StatusCode>(code))}});
   }
   request_duration = histogram("vtw_request_duration_seconds",
                                "Time from acceptance to the terminal status", LatencyBuckets());

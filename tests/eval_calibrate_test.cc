@@ -1,4 +1,4 @@
-// `vtw calibrate`, `vtw eval` and `vtw study` (tools/vqa_eval.h and the real binary) on the HF
+// `vtw calibrate`, `vtw eval` and `vtw study` (eval/vqa_eval.h and the real binary) on the HF
 // oracle model: calibration reproduces kl_calibration.json (every mean KL within 1e-5, the same K
 // per eta), --write round-trips through vtw.json, evaluation mechanics (counts, per-type keys,
 // FLOPs saved, KL), the information-migration blocking identities, the attention study, and
@@ -16,7 +16,7 @@
 #include "server/model_bundle.h"
 #include "tests/util/oracle.h"
 #include "tests/util/subprocess.h"
-#include "tools/vqa_eval.h"
+#include "eval/vqa_eval.h"
 #include "vtw/calibration.h"
 #include "vtw/vtw_settings.h"
 

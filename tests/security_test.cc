@@ -23,7 +23,7 @@
 #include "tests/util/server_process.h"
 #include "tests/util/subprocess.h"
 #include "tests/util/test_server.h"
-#include "tools/health_check.h"
+#include "cli/health_check.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
 namespace vtw {

@@ -1,7 +1,7 @@
-// Tests of the synthetic shapes VQA dataset generator (tools/shapes_dataset.h) and the
+// Tests of the synthetic shapes VQA dataset generator (shapes/shapes_dataset.h) and the
 // `vtw dataset` command: scene invariants, colour separability, question templates and answers
 // recomputed from the scene, balance, rendering, determinism, split disjointness, output format.
-#include "tools/shapes_dataset.h"
+#include "shapes/shapes_dataset.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "tools/commands.h"
+#include "cli/commands.h"
 
 namespace vtw {
 namespace {

@@ -1,4 +1,4 @@
-// The trainer (tools/trainer.h) and the tokenizer trainer (tools/tokenizer_trainer.h) on a tiny
+// The trainer (train/trainer.h) and the tokenizer trainer (train/tokenizer_trainer.h) on a tiny
 // configuration: the tokenizer spm_train produces loads in our Tokenizer and round-trips the
 // task text; a few training steps lower the loss; the written directory loads as a model
 // bundle, generates and holds every HF tensor (the unused ones included); a resumed run
@@ -16,8 +16,8 @@
 #include "model/tokenizer.h"
 #include "server/generator.h"
 #include "server/model_bundle.h"
-#include "tools/tokenizer_trainer.h"
-#include "tools/trainer.h"
+#include "train/tokenizer_trainer.h"
+#include "train/trainer.h"
 
 namespace vtw::tools {
 namespace {

@@ -21,7 +21,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
-#include "tools/health_check.h"
+#include "cli/health_check.h"
 
 namespace vtw::testing {
 namespace {

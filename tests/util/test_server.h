@@ -1,6 +1,5 @@
 // TestServer: the real gRPC server (service + engine + health + reflection) in-process on a
-// loopback port, for integration tests with real gRPC clients. Also helpers to build model
-// bundles for tests (the oracle model, or a random-weight model with the oracle's tokenizer).
+// loopback port, for integration tests with real gRPC clients.
 #pragma once
 
 #include <memory>
@@ -12,15 +11,10 @@
 #include "server/metrics.h"
 #include "server/metrics_http.h"
 #include "server/service.h"
+#include "tests/util/test_bundles.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
 namespace vtw::testing {
-
-// The oracle model directory as a bundle (fp32).
-std::unique_ptr<ModelBundle> OracleBundle();
-// Random weights in the oracle's geometry but `layers` decoder layers and a long context, with
-// the oracle's tokenizer and preprocessing: slow enough per request for cancel/deadline tests.
-std::unique_ptr<ModelBundle> LongContextBundle(int layers, int hidden, int context);
 
 class TestServer {
  public:

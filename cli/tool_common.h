@@ -1,4 +1,4 @@
-// Helpers shared by the `vtw` subcommands: thread setup, file reading, error exit.
+// Helpers shared by the `vtw` subcommands: thread setup, error exit.
 #pragma once
 
 #include <string>
@@ -9,9 +9,6 @@ namespace vtw::tools {
 
 // Sets LibTorch's intra-op threads (0 = all cores) and returns the number used.
 int ConfigureThreads(int threads);
-
-// Reads a whole file (binary). NotFound / InvalidArgument naming the path.
-StatusOr<std::string> ReadFileBytes(const std::string& path);
 
 // Prints "error: <message>" to stderr and exits with status 1 (2 for invalid arguments).
 [[noreturn]] void ExitWithError(const Status& status);

@@ -1,4 +1,4 @@
-#include "tools/vqa_eval.h"
+#include "eval/vqa_eval.h"
 
 #include <unistd.h>
 
@@ -18,7 +18,6 @@
 #include "model/sampler.h"
 #include "model/tokenizer.h"
 #include "server/generator.h"
-#include "tools/tool_common.h"
 #include "vtw/calibration.h"
 #include "vtw/withdrawal.h"
 
@@ -177,7 +176,7 @@ StatusOr<at::Tensor> ImageFeatureCache::Get(const std::string& path, bool blank)
   if (auto it = cache_.find(key); it != cache_.end()) return it->second;
   const auto t0 = std::chrono::steady_clock::now();
   ++misses_;
-  VTW_ASSIGN_OR_RETURN(std::string bytes, ReadFileBytes(path));
+  VTW_ASSIGN_OR_RETURN(std::string bytes, ReadImageFile(path));
   auto rgb = DecodeImage(bytes, ImageLimits{});
   if (!rgb.ok()) return InvalidArgument("image '" + path + "': " + rgb.status().message());
   cv::Mat image = *rgb;

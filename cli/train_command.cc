@@ -1,4 +1,4 @@
-// `vtw train`: trains the shapes model (tools/trainer.h) and writes an HF model directory.
+// `vtw train`: trains the shapes model (train/trainer.h) and writes an HF model directory.
 // With --eval-only it instead evaluates an existing model directory on a freshly generated
 // split at VTW off and at every K (teacher-forced greedy exact match, batched).
 // Owns only the command-line surface; registration is not thread-safe (call from main).
@@ -13,9 +13,9 @@
 
 #include "model/llava_model.h"
 #include "model/tokenizer.h"
-#include "tools/commands.h"
-#include "tools/tool_common.h"
-#include "tools/trainer.h"
+#include "cli/commands.h"
+#include "cli/tool_common.h"
+#include "train/trainer.h"
 #include "vtw/compute_model.h"
 
 namespace vtw::tools {

@@ -1,7 +1,7 @@
 // Visual question answering evaluation and VTW studies on a JSON-lines dataset: the shared logic
 // behind `vtw eval`, `vtw calibrate` and `vtw study` (and the report script that runs them).
 //
-// Dataset: one JSON object per line, {"image", "question", "answer", "type"} (tools/
+// Dataset: one JSON object per line, {"image", "question", "answer", "type"} (shapes/
 // shapes_dataset.h writes it); "image" is a path relative to the JSON-lines file's directory (or
 // absolute); "answer" is needed by evaluation only; "type" names the question type (task
 // profile) and defaults to "unknown". Blank lines are skipped.

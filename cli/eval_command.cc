@@ -1,6 +1,6 @@
 // `vtw eval`: accuracy and compute of a model on a JSON-lines VQA dataset, at one or every
 // withdrawal layer K; and `vtw study`: the attention-sink statistics (where the last prompt
-// token's attention goes, per layer). Logic in tools/vqa_eval.h.
+// token's attention goes, per layer). Logic in eval/vqa_eval.h.
 #include <algorithm>
 #include <iostream>
 #include <memory>
@@ -9,9 +9,9 @@
 #include <nlohmann/json.hpp>
 
 #include "server/model_bundle.h"
-#include "tools/commands.h"
-#include "tools/tool_common.h"
-#include "tools/vqa_eval.h"
+#include "cli/commands.h"
+#include "cli/tool_common.h"
+#include "eval/vqa_eval.h"
 
 namespace vtw::tools {
 namespace {

@@ -1,4 +1,4 @@
-#include "tools/trainer.h"
+#include "train/trainer.h"
 
 #include <unistd.h>
 
@@ -27,7 +27,7 @@
 #include "model/image_processor.h"
 #include "model/prompt_layout.h"
 #include "model/safetensors.h"
-#include "tools/tokenizer_trainer.h"
+#include "train/tokenizer_trainer.h"
 #include "vtw/withdrawal.h"
 
 namespace vtw::tools {
@@ -1043,7 +1043,7 @@ StatusOr<TrainResult> RunTraining(const TrainOptions& o, std::ostream* log) {
   VTW_RETURN_IF_ERROR(WriteModelDirectory(o, config, model.mutable_weights(), unused,
                                           tokenizer_dir, sp_vocab));
   result.seconds = Seconds(start);
-  json training = {{"trainer", "vtw train (tools/trainer.cc)"},
+  json training = {{"trainer", "vtw train (train/trainer.cc)"},
                    {"options", OptionsJson(o)},
                    {"config", LlavaConfigToJson(config)},
                    {"parameters", num_params},

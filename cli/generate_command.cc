@@ -8,8 +8,8 @@
 
 #include "server/generator.h"
 #include "server/model_bundle.h"
-#include "tools/commands.h"
-#include "tools/tool_common.h"
+#include "cli/commands.h"
+#include "cli/tool_common.h"
 
 namespace vtw::tools {
 namespace {
@@ -46,7 +46,7 @@ Status RunGenerate(const GenerateFlags& f) {
 
   std::string image_bytes;
   if (!f.image.empty()) {
-    VTW_ASSIGN_OR_RETURN(image_bytes, ReadFileBytes(f.image));
+    VTW_ASSIGN_OR_RETURN(image_bytes, ReadImageFile(f.image));
     if (image_bytes.empty()) return InvalidArgument("image file '" + f.image + "' is empty");
   }
   VTW_ASSIGN_OR_RETURN(PreparedPrompt prepared,

@@ -1,7 +1,7 @@
-// `vtw`: the command-line tool. Each subcommand lives in tools/*_command.cc.
+// `vtw`: the command-line tool. Each subcommand lives in cli/*_command.cc and the job folders.
 #include <CLI/CLI.hpp>
 
-#include "tools/commands.h"
+#include "cli/commands.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"vtw: LLaVA inference with Visual Tokens Withdrawal"};

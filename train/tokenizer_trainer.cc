@@ -1,4 +1,4 @@
-#include "tools/tokenizer_trainer.h"
+#include "train/tokenizer_trainer.h"
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -11,7 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "tools/shapes_dataset.h"
+#include "shapes/shapes_dataset.h"
 
 namespace vtw::tools {
 namespace {

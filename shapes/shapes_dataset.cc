@@ -1,7 +1,7 @@
 // Synthetic shapes VQA dataset: scene sampling, rendering, questions and split writing.
 // See shapes_dataset.h for the contract. Thread-safety: as documented in the header;
 // GenerateDataset runs its own worker threads for rendering and encoding only.
-#include "tools/shapes_dataset.h"
+#include "shapes/shapes_dataset.h"
 
 #include <algorithm>
 #include <atomic>

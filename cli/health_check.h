@@ -9,6 +9,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "model/status.h"
+
 namespace vtw::tools {
 
 // grpc.health.v1.HealthCheckResponse.ServingStatus.
@@ -23,7 +25,8 @@ const char* ServingStatusName(ServingStatus status);
 grpc::Status CheckHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
                          double timeout_seconds, ServingStatus* status);
 
-// "OK", "CANCELLED", ..., "UNAUTHENTICATED": the canonical name of a gRPC status code.
+// "OK", "CANCELLED", ..., "UNAUTHENTICATED": the canonical name of a gRPC status code
+// (model/status.h's table).
 const char* GrpcCodeName(grpc::StatusCode code);
 
 }  // namespace vtw::tools

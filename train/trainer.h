@@ -1,5 +1,5 @@
 // The project's trainer: trains a LLaVA-architecture model on the synthetic shapes VQA task
-// (tools/shapes_dataset.h) with the runtime's own forward code (LlavaModel::EncodeImages and
+// (shapes/shapes_dataset.h) with the runtime's own forward code (LlavaModel::EncodeImages and
 // LlavaModel::Forward on weights that require grad, LibTorch autograd), so the trained weights
 // are exactly what the runtime computes with. Writes an HF LlavaForConditionalGeneration
 // directory. Optional VTW-aware training withdraws image tokens at a random layer for a
@@ -17,7 +17,7 @@
 #include "model/llava_model.h"
 #include "model/status.h"
 #include "model/tokenizer.h"
-#include "tools/shapes_dataset.h"
+#include "shapes/shapes_dataset.h"
 
 namespace vtw::tools {
 

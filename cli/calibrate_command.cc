@@ -1,16 +1,16 @@
 // `vtw calibrate`: the VTW paper's "find K" on a JSON-lines dataset: mean KL(p_vtw || p_full) at
 // the last prompt position for every K, K = the first layer with mean KL <= eta; optionally one
 // K per question type (task profiles), and --write to store the result in DIR/vtw.json, where
-// `vtw generate`, `vtw eval` and the server read their default K. Logic in tools/vqa_eval.h.
+// `vtw generate`, `vtw eval` and the server read their default K. Logic in eval/vqa_eval.h.
 #include <iostream>
 #include <memory>
 
 #include <nlohmann/json.hpp>
 
 #include "server/model_bundle.h"
-#include "tools/commands.h"
-#include "tools/tool_common.h"
-#include "tools/vqa_eval.h"
+#include "cli/commands.h"
+#include "cli/tool_common.h"
+#include "eval/vqa_eval.h"
 #include "vtw/vtw_settings.h"
 
 namespace vtw::tools {

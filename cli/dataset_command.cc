@@ -1,12 +1,12 @@
-// `vtw dataset`: writes one split of the synthetic shapes VQA dataset (tools/shapes_dataset.h).
+// `vtw dataset`: writes one split of the synthetic shapes VQA dataset (shapes/shapes_dataset.h).
 // Owns only the command-line surface; registration is not thread-safe (call from main).
 #include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <string>
 
-#include "tools/commands.h"
-#include "tools/shapes_dataset.h"
+#include "cli/commands.h"
+#include "shapes/shapes_dataset.h"
 
 namespace vtw::tools {
 

@@ -22,10 +22,11 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
+#include "cli/commands.h"
+#include "cli/health_check.h"
+#include "cli/tool_common.h"
+#include "model/image_processor.h"
 #include "server/security.h"
-#include "tools/commands.h"
-#include "tools/health_check.h"
-#include "tools/tool_common.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
 namespace vtw::tools {
@@ -114,7 +115,7 @@ vtw::v1::GenerateRequest BuildRequest(const ClientFlags& f, bool prompt_given) {
   request.set_request_id(f.request_id);
   request.set_prompt(f.prompt);
   if (!f.image.empty()) {
-    StatusOr<std::string> bytes = ReadFileBytes(f.image);
+    StatusOr<std::string> bytes = ReadImageFile(f.image);
     if (!bytes.ok()) UsageError("cannot read --image: " + bytes.status().message());
     if (bytes->empty()) UsageError("--image: file '" + f.image + "' is empty");
     request.set_image(std::move(*bytes));
