@@ -7,10 +7,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "server/model_bundle.h"
 #include "cli/commands.h"
 #include "cli/tool_common.h"
-#include "eval/vqa_eval.h"
+#include "eval/calibrate.h"
+#include "server/model_bundle.h"
 #include "vtw/vtw_settings.h"
 
 namespace vtw::tools {

@@ -8,10 +8,11 @@
 
 #include <nlohmann/json.hpp>
 
-#include "server/model_bundle.h"
 #include "cli/commands.h"
 #include "cli/tool_common.h"
+#include "eval/attention_study.h"
 #include "eval/vqa_eval.h"
+#include "server/model_bundle.h"
 
 namespace vtw::tools {
 namespace {

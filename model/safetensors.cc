@@ -214,6 +214,112 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(std::strin
   return file;
 }
 
+namespace {
+
+// One tensor of the header, before its bytes are located in the file.
+struct HeaderEntry {
+  uint64_t begin;
+  uint64_t end;
+  TensorView view;
+};
+
+// The header entry `name` -> `value` (dtype, shape, data_offsets), checked on its own.
+StatusOr<HeaderEntry> ParseHeaderEntry(const std::string& name, const Json& value,
+                                       const std::string& where) {
+  const std::string at = where + "tensor '" + name + "': ";
+  if (!value.is_object()) return DataLoss(at + "entry is not a JSON object");
+  auto dtype_it = value.find("dtype");
+  auto shape_it = value.find("shape");
+  auto offsets_it = value.find("data_offsets");
+  if (dtype_it == value.end()) return DataLoss(at + "missing 'dtype'");
+  if (shape_it == value.end()) return DataLoss(at + "missing 'shape'");
+  if (offsets_it == value.end()) return DataLoss(at + "missing 'data_offsets'");
+  if (!dtype_it->is_string()) return DataLoss(at + "'dtype' is not a string");
+  const std::string& dtype_name = dtype_it->get_ref<const std::string&>();
+  std::optional<SafetensorsDType> dtype = ParseSafetensorsDType(dtype_name);
+  if (!dtype) return DataLoss(at + "unknown dtype '" + dtype_name + "'");
+
+  if (!shape_it->is_array()) return DataLoss(at + "'shape' is not an array");
+  std::vector<int64_t> shape;
+  shape.reserve(shape_it->size());
+  for (const Json& dim : *shape_it) {
+    if (dim.is_number_unsigned()) {
+      uint64_t d = dim.get<uint64_t>();
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        return DataLoss(at + "shape dimension " + std::to_string(d) + " overflows int64");
+      }
+      shape.push_back(static_cast<int64_t>(d));
+    } else if (dim.is_number_integer()) {
+      return DataLoss(at + "negative shape dimension " + std::to_string(dim.get<int64_t>()));
+    } else {
+      return DataLoss(at + "shape entry " + dim.dump() + " is not an integer");
+    }
+  }
+  int64_t numel = 0;
+  uint64_t expected_bytes = 0;
+  if (!CheckedByteSize(shape, SafetensorsDTypeSize(*dtype), &numel, &expected_bytes)) {
+    return DataLoss(at + "byte size of shape " + ShapeString(shape) + " overflows");
+  }
+
+  const Json& offsets = *offsets_it;
+  if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+      !offsets[1].is_number_unsigned()) {
+    return DataLoss(at + "'data_offsets' " + offsets.dump() +
+                    " is not two non-negative integers");
+  }
+  const uint64_t begin = offsets[0].get<uint64_t>();
+  const uint64_t end = offsets[1].get<uint64_t>();
+  if (begin > end) {
+    return DataLoss(at + "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                    "] are decreasing");
+  }
+  if (end - begin != expected_bytes) {
+    return DataLoss(at + "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                    "] span " + std::to_string(end - begin) + " bytes but shape " +
+                    ShapeString(shape) + " of " + dtype_name + " needs " +
+                    std::to_string(expected_bytes));
+  }
+  HeaderEntry entry{begin, end, TensorView{}};
+  entry.view.name = name;
+  entry.view.dtype = *dtype;
+  entry.view.shape = std::move(shape);
+  entry.view.nbytes = static_cast<size_t>(expected_bytes);
+  return entry;
+}
+
+// Bounds and overlaps of the entries against a data section of `data_size` bytes. Sorts them.
+Status CheckDataLayout(std::vector<HeaderEntry>& entries, uint64_t data_size,
+                       const std::string& where) {
+  // In data order: the first tensor reported is the first one affected
+  // (for a truncated file, the one the cut runs through).
+  std::sort(entries.begin(), entries.end(), [](const HeaderEntry& a, const HeaderEntry& b) {
+    if (a.begin != b.begin) return a.begin < b.begin;
+    if (a.end != b.end) return a.end < b.end;
+    return a.view.name < b.view.name;
+  });
+  uint64_t covered_end = 0;
+  const std::string* covered_by = nullptr;
+  for (HeaderEntry& entry : entries) {
+    const std::string at = where + "tensor '" + entry.view.name + "': ";
+    if (entry.end > data_size) {
+      return DataLoss(at + "data_offsets [" + std::to_string(entry.begin) + ", " +
+                      std::to_string(entry.end) + "] extend beyond the data section of " +
+                      std::to_string(data_size) + " bytes (file truncated?)");
+    }
+    if (entry.end == entry.begin) continue;  // empty tensors overlap nothing
+    if (covered_by != nullptr && entry.begin < covered_end) {
+      return DataLoss(at + "data_offsets [" + std::to_string(entry.begin) + ", " +
+                      std::to_string(entry.end) + "] overlap tensor '" + *covered_by + "'");
+    }
+    covered_end = entry.end;
+    covered_by = &entry.view.name;
+  }
+
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
   const std::string where = "safetensors file " + path_ + ": ";
   SafetensorsFile* file = this;
@@ -246,12 +352,7 @@ Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
                     ", expected an object");
   }
 
-  struct Entry {
-    uint64_t begin;
-    uint64_t end;
-    TensorView view;
-  };
-  std::vector<Entry> entries;
+  std::vector<HeaderEntry> entries;
   entries.reserve(header.size());
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -266,94 +367,14 @@ Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
       }
       continue;
     }
-    const std::string at = where + "tensor '" + name + "': ";
-    if (!value.is_object()) return DataLoss(at + "entry is not a JSON object");
-    auto dtype_it = value.find("dtype");
-    auto shape_it = value.find("shape");
-    auto offsets_it = value.find("data_offsets");
-    if (dtype_it == value.end()) return DataLoss(at + "missing 'dtype'");
-    if (shape_it == value.end()) return DataLoss(at + "missing 'shape'");
-    if (offsets_it == value.end()) return DataLoss(at + "missing 'data_offsets'");
-    if (!dtype_it->is_string()) return DataLoss(at + "'dtype' is not a string");
-    const std::string& dtype_name = dtype_it->get_ref<const std::string&>();
-    std::optional<SafetensorsDType> dtype = ParseSafetensorsDType(dtype_name);
-    if (!dtype) return DataLoss(at + "unknown dtype '" + dtype_name + "'");
-
-    if (!shape_it->is_array()) return DataLoss(at + "'shape' is not an array");
-    std::vector<int64_t> shape;
-    shape.reserve(shape_it->size());
-    for (const Json& dim : *shape_it) {
-      if (dim.is_number_unsigned()) {
-        uint64_t d = dim.get<uint64_t>();
-        if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-          return DataLoss(at + "shape dimension " + std::to_string(d) + " overflows int64");
-        }
-        shape.push_back(static_cast<int64_t>(d));
-      } else if (dim.is_number_integer()) {
-        return DataLoss(at + "negative shape dimension " + std::to_string(dim.get<int64_t>()));
-      } else {
-        return DataLoss(at + "shape entry " + dim.dump() + " is not an integer");
-      }
-    }
-    int64_t numel = 0;
-    uint64_t expected_bytes = 0;
-    if (!CheckedByteSize(shape, SafetensorsDTypeSize(*dtype), &numel, &expected_bytes)) {
-      return DataLoss(at + "byte size of shape " + ShapeString(shape) + " overflows");
-    }
-
-    const Json& offsets = *offsets_it;
-    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
-        !offsets[1].is_number_unsigned()) {
-      return DataLoss(at + "'data_offsets' " + offsets.dump() +
-                      " is not two non-negative integers");
-    }
-    const uint64_t begin = offsets[0].get<uint64_t>();
-    const uint64_t end = offsets[1].get<uint64_t>();
-    if (begin > end) {
-      return DataLoss(at + "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                      "] are decreasing");
-    }
-    if (end - begin != expected_bytes) {
-      return DataLoss(at + "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                      "] span " + std::to_string(end - begin) + " bytes but shape " +
-                      ShapeString(shape) + " of " + dtype_name + " needs " +
-                      std::to_string(expected_bytes));
-    }
-    Entry entry{begin, end, TensorView{}};
-    entry.view.name = name;
-    entry.view.dtype = *dtype;
-    entry.view.shape = std::move(shape);
-    entry.view.nbytes = static_cast<size_t>(expected_bytes);
+    VTW_ASSIGN_OR_RETURN(HeaderEntry entry, ParseHeaderEntry(name, value, where));
     entries.push_back(std::move(entry));
   }
-
-  // Bounds and overlaps, in data order: the first tensor reported is the first one affected
-  // (for a truncated file, the one the cut runs through).
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    if (a.begin != b.begin) return a.begin < b.begin;
-    if (a.end != b.end) return a.end < b.end;
-    return a.view.name < b.view.name;
-  });
-  uint64_t covered_end = 0;
-  const std::string* covered_by = nullptr;
-  for (Entry& entry : entries) {
-    const std::string at = where + "tensor '" + entry.view.name + "': ";
-    if (entry.end > data_size) {
-      return DataLoss(at + "data_offsets [" + std::to_string(entry.begin) + ", " +
-                      std::to_string(entry.end) + "] extend beyond the data section of " +
-                      std::to_string(data_size) + " bytes (file truncated?)");
-    }
-    if (entry.end == entry.begin) continue;  // empty tensors overlap nothing
-    if (covered_by != nullptr && entry.begin < covered_end) {
-      return DataLoss(at + "data_offsets [" + std::to_string(entry.begin) + ", " +
-                      std::to_string(entry.end) + "] overlap tensor '" + *covered_by + "'");
-    }
-    covered_end = entry.end;
-    covered_by = &entry.view.name;
-  }
-
+  // The first tensor reported is the first one affected (for a truncated file, the one the cut
+  // runs through).
+  VTW_RETURN_IF_ERROR(CheckDataLayout(entries, data_size, where));
   file->tensors_.reserve(entries.size());
-  for (Entry& entry : entries) {
+  for (HeaderEntry& entry : entries) {
     entry.view.data = data + entry.begin;
     entry.view.file = &file->path_;
     file->by_name_.emplace(entry.view.name, file->tensors_.size());

@@ -289,6 +289,12 @@ struct Tokenizer::SpModel {
 
   // Parses and validates a serialized ModelProto; `file` names it in error messages.
   static StatusOr<std::unique_ptr<SpModel>> Parse(std::string_view bytes, const std::string& file);
+  // Parse's steps: the protobuf fields; the pieces as sentencepiece's InitializePieces checks
+  // them; what this implementation supports; the model's stored self-test samples.
+  bool ReadFields(std::string_view bytes);
+  Status IndexPieces(const std::string& file, const std::string& corrupt);
+  Status CheckSupported(const std::string& file) const;
+  Status RunSelfTest(const std::string& file) const;
 
   int size() const { return static_cast<int>(pieces.size()); }
   bool IsType(int id, int type) const { return id >= 0 && id < size() && pieces[id].type == type; }
@@ -470,7 +476,17 @@ StatusOr<std::unique_ptr<Tokenizer::SpModel>> Tokenizer::SpModel::Parse(std::str
   const std::string corrupt =
       "; the file is corrupt or not a SentencePiece model: re-download tokenizer.model from the "
       "checkpoint";
-  const bool ok = ForEachField(bytes, [&](const WireField& f) {
+  if (!m->ReadFields(bytes) || m->pieces.empty()) {
+    return DataLoss("tokenizer: cannot parse " + file + corrupt);
+  }
+  VTW_RETURN_IF_ERROR(m->IndexPieces(file, corrupt));
+  VTW_RETURN_IF_ERROR(m->CheckSupported(file));
+  VTW_RETURN_IF_ERROR(m->RunSelfTest(file));
+  return m;
+}
+
+bool Tokenizer::SpModel::ReadFields(std::string_view bytes) {
+  return ForEachField(bytes, [&](const WireField& f) {
     if (f.wire_type != 2) return f.number > 5;  // known top-level fields are all messages
     switch (f.number) {
       case 1: {  // pieces
@@ -483,23 +499,23 @@ StatusOr<std::unique_ptr<Tokenizer::SpModel>> Tokenizer::SpModel::Parse(std::str
             })) {
           return false;
         }
-        m->pieces.push_back(std::move(p));
+        pieces.push_back(std::move(p));
         return true;
       }
       case 2:  // trainer_spec
         return ForEachField(f.bytes, [&](const WireField& g) {
-          if (g.wire_type == 0 && g.number == 3) m->model_type = static_cast<int>(g.varint);
-          if (g.wire_type == 0 && g.number == 24) m->treat_whitespace_as_suffix = g.varint != 0;
-          if (g.wire_type == 0 && g.number == 35) m->byte_fallback = g.varint != 0;
-          if (g.wire_type == 2 && g.number == 44) m->unk_surface = std::string(g.bytes);
+          if (g.wire_type == 0 && g.number == 3) model_type = static_cast<int>(g.varint);
+          if (g.wire_type == 0 && g.number == 24) treat_whitespace_as_suffix = g.varint != 0;
+          if (g.wire_type == 0 && g.number == 35) byte_fallback = g.varint != 0;
+          if (g.wire_type == 2 && g.number == 44) unk_surface = std::string(g.bytes);
           return true;
         });
       case 3:  // normalizer_spec
         return ForEachField(f.bytes, [&](const WireField& g) {
-          if (g.wire_type == 2 && g.number == 2) m->precompiled_charsmap = std::string(g.bytes);
-          if (g.wire_type == 0 && g.number == 3) m->add_dummy_prefix = g.varint != 0;
-          if (g.wire_type == 0 && g.number == 4) m->remove_extra_whitespaces = g.varint != 0;
-          if (g.wire_type == 0 && g.number == 5) m->escape_whitespaces = g.varint != 0;
+          if (g.wire_type == 2 && g.number == 2) precompiled_charsmap = std::string(g.bytes);
+          if (g.wire_type == 0 && g.number == 3) add_dummy_prefix = g.varint != 0;
+          if (g.wire_type == 0 && g.number == 4) remove_extra_whitespaces = g.varint != 0;
+          if (g.wire_type == 0 && g.number == 5) escape_whitespaces = g.varint != 0;
           return true;
         });
       case 4:  // self_test_data
@@ -511,13 +527,13 @@ StatusOr<std::unique_ptr<Tokenizer::SpModel>> Tokenizer::SpModel::Parse(std::str
             if (h.wire_type == 2 && h.number == 2) sample.second = std::string(h.bytes);
             return true;
           });
-          m->self_test.push_back(std::move(sample));
+          self_test.push_back(std::move(sample));
           return sample_ok;
         });
       case 5:  // denormalizer_spec
         return ForEachField(f.bytes, [&](const WireField& g) {
           if (g.wire_type == 2 && g.number == 2 && !g.bytes.empty()) {
-            m->has_denormalizer_rules = true;
+            has_denormalizer_rules = true;
           }
           return true;
         });
@@ -525,74 +541,81 @@ StatusOr<std::unique_ptr<Tokenizer::SpModel>> Tokenizer::SpModel::Parse(std::str
         return true;
     }
   });
-  if (!ok || m->pieces.empty()) {
-    return DataLoss("tokenizer: cannot parse " + file + corrupt);
-  }
+}
 
+Status Tokenizer::SpModel::IndexPieces(const std::string& file, const std::string& corrupt) {
   // Validation as in sentencepiece::ModelInterface::InitializePieces.
   std::vector<bool> byte_found(256, false);
-  for (int i = 0; i < m->size(); ++i) {
-    const Piece& p = m->pieces[i];
+  for (int i = 0; i < size(); ++i) {
+    const Piece& p = pieces[i];
     if (p.text.empty() || p.text.find('\0') != std::string::npos || p.text.size() >= 8000 ||
         p.type < kNormal || p.type > kByte) {
       return DataLoss("tokenizer: " + file + " has an invalid piece #" + std::to_string(i) +
                       corrupt);
     }
     const bool is_normal = p.type == kNormal || p.type == kUserDefined || p.type == kUnused;
-    auto& map = is_normal ? m->normal : m->reserved;
+    auto& map = is_normal ? normal : reserved;
     if (!map.emplace(p.text, i).second) {
       return DataLoss("tokenizer: " + file + " defines piece '" + p.text + "' twice" + corrupt);
     }
-    if (p.type == kUserDefined) m->user_defined.push_back(p.text);
+    if (p.type == kUserDefined) user_defined.push_back(p.text);
     if (p.type == kUnknown) {
-      if (m->unk_id >= 0) return DataLoss("tokenizer: " + file + " defines <unk> twice" + corrupt);
-      m->unk_id = i;
+      if (unk_id >= 0) return DataLoss("tokenizer: " + file + " defines <unk> twice" + corrupt);
+      unk_id = i;
     }
     if (p.type == kByte) {
       const int b = PieceToByte(p.text);
-      if (!m->byte_fallback || b < 0) {
+      if (!byte_fallback || b < 0) {
         return DataLoss("tokenizer: " + file + " has an invalid byte piece '" + p.text + "'" +
                         corrupt);
       }
       byte_found[b] = true;
     }
   }
-  if (m->unk_id < 0) return DataLoss("tokenizer: " + file + " defines no <unk> piece" + corrupt);
-  if (m->byte_fallback && std::find(byte_found.begin(), byte_found.end(), false) !=
+  if (unk_id < 0) return DataLoss("tokenizer: " + file + " defines no <unk> piece" + corrupt);
+  if (byte_fallback && std::find(byte_found.begin(), byte_found.end(), false) !=
                               byte_found.end()) {
     return DataLoss("tokenizer: " + file + " uses byte fallback without all 256 byte pieces" +
                     corrupt);
   }
-  std::stable_sort(m->user_defined.begin(), m->user_defined.end(),
+  std::stable_sort(user_defined.begin(), user_defined.end(),
                    [](std::string_view a, std::string_view b) { return a.size() > b.size(); });
 
+  return Status::Ok();
+}
+
+Status Tokenizer::SpModel::CheckSupported(const std::string& file) const {
   const std::string unsupported =
       "; only BPE SentencePiece models with the identity normalizer (LLaMA-family checkpoints) "
       "are supported";
-  if (m->model_type != 2) {
+  if (model_type != 2) {
     return Unimplemented("tokenizer: " + file + " is a SentencePiece model of type " +
-                         std::to_string(m->model_type) + ", not BPE" + unsupported);
+                         std::to_string(model_type) + ", not BPE" + unsupported);
   }
-  if (!m->precompiled_charsmap.empty() || m->has_denormalizer_rules) {
+  if (!precompiled_charsmap.empty() || has_denormalizer_rules) {
     return Unimplemented("tokenizer: " + file + " uses a non-identity (de)normalization rule" +
                          unsupported);
   }
-  if (m->treat_whitespace_as_suffix) {
+  if (treat_whitespace_as_suffix) {
     return Unimplemented("tokenizer: " + file + " uses treat_whitespace_as_suffix" + unsupported);
   }
+  return Status::Ok();
+}
+
+Status Tokenizer::SpModel::RunSelfTest(const std::string& file) const {
   // Self-test samples stored in the model, as SentencePieceProcessor::Load checks them.
-  for (size_t i = 0; i < m->self_test.size(); ++i) {
+  for (size_t i = 0; i < self_test.size(); ++i) {
     std::string joined;
-    for (const auto& p : m->Encode(m->self_test[i].first)) {
+    for (const auto& p : Encode(self_test[i].first)) {
       if (!joined.empty()) joined += ' ';
       joined += p;
     }
-    if (joined != m->self_test[i].second) {
+    if (joined != self_test[i].second) {
       return Internal("tokenizer: " + file + " self-test sample " + std::to_string(i) +
-                      " encodes as '" + joined + "', expected '" + m->self_test[i].second + "'");
+                      " encodes as '" + joined + "', expected '" + self_test[i].second + "'");
     }
   }
-  return m;
+  return Status::Ok();
 }
 
 Tokenizer::Tokenizer() = default;
@@ -625,21 +648,225 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& model_di
                         model_dir);
 }
 
+// LoadFromMemory in steps, each reading one part of the configuration into the tokenizer.
+struct Tokenizer::Loader {
+  using AddedMap = std::map<int32_t, AddedToken>;
+  // bos/eos/unk/pad contents; LlamaTokenizer's defaults when the config does not name them.
+  struct NamedTokens {
+    std::optional<std::string> bos, eos, unk, pad;
+  };
+
+  // tokenizer_config.json "added_tokens_decoder": id -> token.
+  static StatusOr<AddedMap> AddedTokensDecoder(const nlohmann::json& config,
+                                               const std::string& file) {
+    AddedMap added;
+    if (!config.contains("added_tokens_decoder") || config["added_tokens_decoder"].is_null()) {
+      return added;
+    }
+    const auto& dec = config["added_tokens_decoder"];
+    if (!dec.is_object()) {
+      return InvalidArgument("tokenizer: " + file +
+                             ": \"added_tokens_decoder\" must be an object of id -> token");
+    }
+    for (const auto& [key, value] : dec.items()) {
+      AddedToken t;
+      try {
+        size_t used = 0;
+        const long id = std::stol(key, &used);
+        if (used != key.size() || id < 0 || id > INT32_MAX - 1) throw std::out_of_range(key);
+        t.id = static_cast<int32_t>(id);
+      } catch (const std::exception&) {
+        return InvalidArgument("tokenizer: " + file + ": added_tokens_decoder key '" + key +
+                               "' is not a token id");
+      }
+      if (!value.is_object() || !value.contains("content") || !value["content"].is_string() ||
+          value["content"].get<std::string>().empty()) {
+        return InvalidArgument("tokenizer: " + file + ": added_tokens_decoder[" + key +
+                               "] needs a non-empty string \"content\"");
+      }
+      t.content = value["content"].get<std::string>();
+      VTW_ASSIGN_OR_RETURN(t.special, BoolField(value, "special", false, file));
+      VTW_ASSIGN_OR_RETURN(t.lstrip, BoolField(value, "lstrip", false, file));
+      VTW_ASSIGN_OR_RETURN(t.rstrip, BoolField(value, "rstrip", false, file));
+      added[t.id] = std::move(t);
+    }
+    return added;
+  }
+
+  // "additional_special_tokens": strings or {"content": ...} objects.
+  static StatusOr<std::vector<std::string>> AdditionalSpecialTokens(const nlohmann::json& config,
+                                                                    const std::string& file) {
+    std::vector<std::string> additional;
+    if (!config.contains("additional_special_tokens") ||
+        config["additional_special_tokens"].is_null()) {
+      return additional;
+    }
+    const auto& list = config["additional_special_tokens"];
+    if (!list.is_array()) {
+      return InvalidArgument("tokenizer: " + file + ": \"additional_special_tokens\" must be a list");
+    }
+    for (const auto& v : list) {
+      if (v.is_string()) {
+        additional.push_back(v.get<std::string>());
+      } else if (v.is_object() && v.contains("content") && v["content"].is_string()) {
+        additional.push_back(v["content"].get<std::string>());
+      } else {
+        return InvalidArgument("tokenizer: " + file +
+                               ": additional_special_tokens entries must be strings");
+      }
+    }
+    return additional;
+  }
+
+  static StatusOr<NamedTokens> Named(const nlohmann::json& config, const std::string& file) {
+    NamedTokens n;
+    VTW_ASSIGN_OR_RETURN(n.bos, TokenContent(config, "bos_token", file));
+    VTW_ASSIGN_OR_RETURN(n.eos, TokenContent(config, "eos_token", file));
+    VTW_ASSIGN_OR_RETURN(n.unk, TokenContent(config, "unk_token", file));
+    VTW_ASSIGN_OR_RETURN(n.pad, TokenContent(config, "pad_token", file));
+    if (!config.contains("bos_token")) n.bos = "<s>";
+    if (!config.contains("eos_token")) n.eos = "</s>";
+    if (!config.contains("unk_token")) n.unk = "<unk>";
+    return n;
+  }
+
+  // HF all_special_tokens: the named ones, the additional ones, and added tokens marked special
+  // (which join `additional`, as in HF _add_tokens).
+  static void CollectSpecialContents(Tokenizer* tok, const NamedTokens& n, const AddedMap& added,
+                                     std::vector<std::string>* additional) {
+    if (n.unk) tok->unk_token_ = *n.unk;
+    for (const auto* named : {&n.bos, &n.eos, &n.unk, &n.pad}) {
+      if (*named) tok->special_contents_.insert(**named);
+    }
+    for (const auto& a : *additional) tok->special_contents_.insert(a);
+    for (const auto& [id, t] : added) {
+      if (t.special && !tok->special_contents_.count(t.content)) {
+        tok->special_contents_.insert(t.content);
+        additional->push_back(t.content);
+      }
+    }
+  }
+
+  // added_tokens.json (content -> id) for ids that added_tokens_decoder lacks.
+  static Status MergeAddedTokensJson(const Tokenizer& tok, std::string_view text,
+                                     const std::string& file, AddedMap* added) {
+    VTW_ASSIGN_OR_RETURN(nlohmann::json extra, ParseJsonText(text, file));
+    if (!extra.is_object()) {
+      return InvalidArgument("tokenizer: " + file +
+                             " must map token strings to ids; fix or delete it");
+    }
+    for (const auto& [content, value] : extra.items()) {
+      if (!value.is_number_integer() || value.get<int64_t>() < 0 ||
+          value.get<int64_t>() > INT32_MAX - 1 || content.empty()) {
+        return InvalidArgument("tokenizer: " + file + ": id of '" + content +
+                               "' must be a non-negative integer; fix or delete the file");
+      }
+      const auto id = static_cast<int32_t>(value.get<int64_t>());
+      if (added->count(id)) continue;  // added_tokens_decoder wins
+      AddedToken t;
+      t.id = id;
+      t.content = content;
+      t.special = tok.special_contents_.count(content) > 0;
+      (*added)[id] = std::move(t);
+    }
+    return Status::Ok();
+  }
+
+  // Special tokens that are SentencePiece pieces are added tokens too (HF adds
+  // all_special_tokens at init), so "<s>" typed in a prompt is one token even when the config
+  // does not list it.
+  static void AddSpecialPieces(const Tokenizer& tok, AddedMap* added) {
+    std::unordered_set<std::string> have;
+    for (const auto& [id, t] : *added) have.insert(t.content);
+    std::vector<std::string> named(tok.special_contents_.begin(), tok.special_contents_.end());
+    std::sort(named.begin(), named.end());
+    for (const auto& content : named) {
+      if (have.count(content)) continue;
+      const int id = tok.sp_->PieceToId(content);
+      if (id < 0 || (tok.sp_->IsUnknown(id) && tok.sp_->pieces[id].text != content)) continue;
+      if (added->count(id)) continue;
+      AddedToken t;
+      t.id = id;
+      t.content = content;
+      t.special = true;
+      (*added)[id] = std::move(t);
+    }
+  }
+
+  // The id table: SentencePiece pieces, then added tokens (longest content first for matching).
+  static Status BuildIdTable(Tokenizer* tok, const AddedMap& added, const std::string& file) {
+    int32_t size = tok->sp_size_;
+    for (const auto& [id, t] : added) size = std::max(size, id + 1);
+    if (size > (1 << 24)) {
+      return InvalidArgument("tokenizer: added token ids in " + file +
+                             " are implausibly large (vocab would have " + std::to_string(size) +
+                             " entries)");
+    }
+    tok->tokens_.resize(size);
+    for (int32_t id = 0; id < tok->sp_size_; ++id) {
+      tok->tokens_[id].text = tok->sp_->pieces[id].text;
+      tok->tokens_[id].valid = true;
+    }
+    for (auto& [id, t] : added) {
+      tok->tokens_[id].text = t.content;
+      tok->tokens_[id].valid = true;
+      tok->added_by_content_[t.content] = id;
+      tok->added_.push_back(t);
+    }
+    std::stable_sort(tok->added_.begin(), tok->added_.end(),
+                     [](const AddedToken& a, const AddedToken& b) {
+                       return a.content.size() > b.content.size();
+                     });
+    for (size_t i = 0; i < tok->added_.size(); ++i) {
+      tok->added_by_first_byte_[static_cast<uint8_t>(tok->added_[i].content[0])].push_back(i);
+    }
+    return Status::Ok();
+  }
+
+  // Named ids, special ids (HF all_special_ids) and legacy added tokens (decoded as their own
+  // group: added tokens that are not special, and additional special tokens beyond the
+  // SentencePiece vocab, as in PreTrainedTokenizer._decode).
+  static void MarkIds(Tokenizer* tok, const NamedTokens& n,
+                      const std::vector<std::string>& additional) {
+    auto id_of = [&](const std::optional<std::string>& content) -> int32_t {
+      if (!content) return -1;
+      const auto id = tok->FindToken(*content);
+      return id ? *id : -1;
+    };
+    tok->bos_id_ = id_of(n.bos);
+    tok->eos_id_ = id_of(n.eos);
+    tok->unk_id_ = id_of(n.unk);
+    tok->pad_id_ = id_of(n.pad);
+    tok->image_id_ = id_of(std::string(kImageToken));
+    std::unordered_set<std::string> legacy_added;
+    for (const auto& [content, id] : tok->added_by_content_) {
+      if (!tok->special_contents_.count(content)) legacy_added.insert(content);
+    }
+    for (const auto& a : additional) {
+      if (id_of(a) >= tok->sp_size_) legacy_added.insert(a);
+    }
+    for (const auto& content : tok->special_contents_) {
+      const int32_t id = id_of(content);
+      if (id >= 0) tok->tokens_[id].special = true;
+    }
+    for (auto& info : tok->tokens_) {
+      if (!info.valid) continue;
+      if (tok->special_contents_.count(info.text)) info.special = true;
+      if (legacy_added.count(info.text)) info.legacy_added = true;
+    }
+  }
+};
+
 StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromMemory(
     std::string_view model_bytes, std::string_view config_json,
     std::optional<std::string_view> added_tokens_json, const std::string& model_dir) {
   namespace fs = std::filesystem;
   const fs::path dir(model_dir);
   std::unique_ptr<Tokenizer> tok(new Tokenizer());
-
-  // SentencePiece model.
-  const fs::path model_path = dir / "tokenizer.model";
-  VTW_ASSIGN_OR_RETURN(tok->sp_, SpModel::Parse(model_bytes, model_path.string()));
+  VTW_ASSIGN_OR_RETURN(tok->sp_, SpModel::Parse(model_bytes, (dir / "tokenizer.model").string()));
   tok->sp_size_ = tok->sp_->size();
 
-  // tokenizer_config.json.
-  const fs::path config_path = dir / "tokenizer_config.json";
-  const std::string config_file = config_path.string();
+  const std::string config_file = (dir / "tokenizer_config.json").string();
   VTW_ASSIGN_OR_RETURN(nlohmann::json config, ParseJsonText(config_json, config_file));
   if (!config.is_object()) {
     return InvalidArgument("tokenizer: " + config_file + " must hold a JSON object");
@@ -654,181 +881,18 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromMemory(
   if (!tok->legacy_) tok->sp_->add_dummy_prefix = false;
 
   // Added tokens: added_tokens_decoder first, then added_tokens.json for ids it lacks.
-  std::map<int32_t, AddedToken> added;
-  if (config.contains("added_tokens_decoder") && !config["added_tokens_decoder"].is_null()) {
-    const auto& dec = config["added_tokens_decoder"];
-    if (!dec.is_object()) {
-      return InvalidArgument("tokenizer: " + config_file +
-                             ": \"added_tokens_decoder\" must be an object of id -> token");
-    }
-    for (const auto& [key, value] : dec.items()) {
-      AddedToken t;
-      try {
-        size_t used = 0;
-        const long id = std::stol(key, &used);
-        if (used != key.size() || id < 0 || id > INT32_MAX - 1) throw std::out_of_range(key);
-        t.id = static_cast<int32_t>(id);
-      } catch (const std::exception&) {
-        return InvalidArgument("tokenizer: " + config_file + ": added_tokens_decoder key '" +
-                               key + "' is not a token id");
-      }
-      if (!value.is_object() || !value.contains("content") || !value["content"].is_string() ||
-          value["content"].get<std::string>().empty()) {
-        return InvalidArgument("tokenizer: " + config_file + ": added_tokens_decoder[" + key +
-                               "] needs a non-empty string \"content\"");
-      }
-      t.content = value["content"].get<std::string>();
-      VTW_ASSIGN_OR_RETURN(t.special, BoolField(value, "special", false, config_file));
-      VTW_ASSIGN_OR_RETURN(t.lstrip, BoolField(value, "lstrip", false, config_file));
-      VTW_ASSIGN_OR_RETURN(t.rstrip, BoolField(value, "rstrip", false, config_file));
-      added[t.id] = std::move(t);
-    }
-  }
-
-  // Named special tokens (HF all_special_tokens).
-  std::vector<std::string> additional;
-  if (config.contains("additional_special_tokens") &&
-      !config["additional_special_tokens"].is_null()) {
-    const auto& list = config["additional_special_tokens"];
-    if (!list.is_array()) {
-      return InvalidArgument("tokenizer: " + config_file +
-                             ": \"additional_special_tokens\" must be a list");
-    }
-    for (const auto& v : list) {
-      if (v.is_string()) {
-        additional.push_back(v.get<std::string>());
-      } else if (v.is_object() && v.contains("content") && v["content"].is_string()) {
-        additional.push_back(v["content"].get<std::string>());
-      } else {
-        return InvalidArgument("tokenizer: " + config_file +
-                               ": additional_special_tokens entries must be strings");
-      }
-    }
-  }
-  VTW_ASSIGN_OR_RETURN(auto bos, TokenContent(config, "bos_token", config_file));
-  VTW_ASSIGN_OR_RETURN(auto eos, TokenContent(config, "eos_token", config_file));
-  VTW_ASSIGN_OR_RETURN(auto unk, TokenContent(config, "unk_token", config_file));
-  VTW_ASSIGN_OR_RETURN(auto pad, TokenContent(config, "pad_token", config_file));
-  // LlamaTokenizer's defaults when the config does not name them.
-  if (!config.contains("bos_token")) bos = "<s>";
-  if (!config.contains("eos_token")) eos = "</s>";
-  if (!config.contains("unk_token")) unk = "<unk>";
-  if (unk) tok->unk_token_ = *unk;
-  for (const auto* named : {&bos, &eos, &unk, &pad}) {
-    if (*named) tok->special_contents_.insert(**named);
-  }
-  for (const auto& a : additional) tok->special_contents_.insert(a);
-  // Added tokens marked special join additional_special_tokens (HF _add_tokens).
-  for (const auto& [id, t] : added) {
-    if (t.special && !tok->special_contents_.count(t.content)) {
-      tok->special_contents_.insert(t.content);
-      additional.push_back(t.content);
-    }
-  }
-
-  const fs::path added_path = dir / "added_tokens.json";
+  VTW_ASSIGN_OR_RETURN(Loader::AddedMap added, Loader::AddedTokensDecoder(config, config_file));
+  VTW_ASSIGN_OR_RETURN(std::vector<std::string> additional,
+                       Loader::AdditionalSpecialTokens(config, config_file));
+  VTW_ASSIGN_OR_RETURN(Loader::NamedTokens named, Loader::Named(config, config_file));
+  Loader::CollectSpecialContents(tok.get(), named, added, &additional);
   if (added_tokens_json) {
-    VTW_ASSIGN_OR_RETURN(nlohmann::json extra,
-                         ParseJsonText(*added_tokens_json, added_path.string()));
-    if (!extra.is_object()) {
-      return InvalidArgument("tokenizer: " + added_path.string() +
-                             " must map token strings to ids; fix or delete it");
-    }
-    for (const auto& [content, value] : extra.items()) {
-      if (!value.is_number_integer() || value.get<int64_t>() < 0 ||
-          value.get<int64_t>() > INT32_MAX - 1 || content.empty()) {
-        return InvalidArgument("tokenizer: " + added_path.string() + ": id of '" + content +
-                               "' must be a non-negative integer; fix or delete the file");
-      }
-      const auto id = static_cast<int32_t>(value.get<int64_t>());
-      if (added.count(id)) continue;  // added_tokens_decoder wins
-      AddedToken t;
-      t.id = id;
-      t.content = content;
-      t.special = tok->special_contents_.count(content) > 0;
-      added[id] = std::move(t);
-    }
+    VTW_RETURN_IF_ERROR(Loader::MergeAddedTokensJson(
+        *tok, *added_tokens_json, (dir / "added_tokens.json").string(), &added));
   }
-
-  // Special tokens that are SentencePiece pieces are added tokens too (HF adds
-  // all_special_tokens at init), so "<s>" typed in a prompt is one token even when the config
-  // does not list it.
-  {
-    std::unordered_set<std::string> have;
-    for (const auto& [id, t] : added) have.insert(t.content);
-    std::vector<std::string> named(tok->special_contents_.begin(), tok->special_contents_.end());
-    std::sort(named.begin(), named.end());
-    for (const auto& content : named) {
-      if (have.count(content)) continue;
-      const int id = tok->sp_->PieceToId(content);
-      if (id < 0 || (tok->sp_->IsUnknown(id) && tok->sp_->pieces[id].text != content)) continue;
-      if (added.count(id)) continue;
-      AddedToken t;
-      t.id = id;
-      t.content = content;
-      t.special = true;
-      added[id] = std::move(t);
-    }
-  }
-
-  // Id table.
-  int32_t size = tok->sp_size_;
-  for (const auto& [id, t] : added) size = std::max(size, id + 1);
-  if (size > (1 << 24)) {
-    return InvalidArgument("tokenizer: added token ids in " + config_file +
-                           " are implausibly large (vocab would have " + std::to_string(size) +
-                           " entries)");
-  }
-  tok->tokens_.resize(size);
-  for (int32_t id = 0; id < tok->sp_size_; ++id) {
-    tok->tokens_[id].text = tok->sp_->pieces[id].text;
-    tok->tokens_[id].valid = true;
-  }
-  for (auto& [id, t] : added) {
-    tok->tokens_[id].text = t.content;
-    tok->tokens_[id].valid = true;
-    tok->added_by_content_[t.content] = id;
-    tok->added_.push_back(t);
-  }
-  std::stable_sort(tok->added_.begin(), tok->added_.end(),
-                   [](const AddedToken& a, const AddedToken& b) {
-                     return a.content.size() > b.content.size();
-                   });
-  for (size_t i = 0; i < tok->added_.size(); ++i) {
-    tok->added_by_first_byte_[static_cast<uint8_t>(tok->added_[i].content[0])].push_back(i);
-  }
-
-  auto id_of = [&](const std::optional<std::string>& content) -> int32_t {
-    if (!content) return -1;
-    const auto id = tok->FindToken(*content);
-    return id ? *id : -1;
-  };
-  tok->bos_id_ = id_of(bos);
-  tok->eos_id_ = id_of(eos);
-  tok->unk_id_ = id_of(unk);
-  tok->pad_id_ = id_of(pad);
-  tok->image_id_ = id_of(std::string(kImageToken));
-
-  // Special ids (HF all_special_ids) and legacy added tokens (decoded as their own group:
-  // added tokens that are not special, and additional special tokens beyond the SentencePiece
-  // vocab, as in PreTrainedTokenizer._decode).
-  std::unordered_set<std::string> legacy_added;
-  for (const auto& [content, id] : tok->added_by_content_) {
-    if (!tok->special_contents_.count(content)) legacy_added.insert(content);
-  }
-  for (const auto& a : additional) {
-    if (id_of(a) >= tok->sp_size_) legacy_added.insert(a);
-  }
-  for (const auto& content : tok->special_contents_) {
-    const int32_t id = id_of(content);
-    if (id >= 0) tok->tokens_[id].special = true;
-  }
-  for (auto& info : tok->tokens_) {
-    if (!info.valid) continue;
-    if (tok->special_contents_.count(info.text)) info.special = true;
-    if (legacy_added.count(info.text)) info.legacy_added = true;
-  }
-
+  Loader::AddSpecialPieces(*tok, &added);
+  VTW_RETURN_IF_ERROR(Loader::BuildIdTable(tok.get(), added, config_file));
+  Loader::MarkIds(tok.get(), named, additional);
   tok->unk_token_length_ = static_cast<int>(tok->sp_->Encode(tok->unk_token_).size());
   return tok;
 }

@@ -95,6 +95,7 @@ class Tokenizer {
  private:
   friend class IncrementalDetokenizer;
   struct SpModel;  // the parsed tokenizer.model (defined in tokenizer.cc)
+  struct Loader;   // the steps of LoadFromMemory (tokenizer.cc)
 
   struct TokenInfo {
     std::string text;           // added-token content or SentencePiece piece

@@ -96,14 +96,8 @@ void AddFlags(CLI::App& app, ServerFlags& f) {
       "(health and reflection stay open)");
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  CLI::App app{"vtw-server: LLaVA over gRPC with Visual Tokens Withdrawal"};
-  ServerFlags f;
-  AddFlags(app, f);
-  app.set_config("--config", "", "Read flags from a TOML/INI file")->envname("VTW_CONFIG");
-  CLI11_PARSE(app, argc, argv);
+// Flag values that cannot work: the message to print (exit status 2), or empty.
+std::string CheckFlags(const ServerFlags& f) {
   for (auto [name, value] : {std::pair<const char*, int64_t>{"--max-running", f.max_running},
                              {"--max-batch-tokens", f.max_batch_tokens},
                              {"--kv-cache-bytes", f.kv_cache_bytes},
@@ -112,48 +106,147 @@ int main(int argc, char** argv) {
                              {"--max-image-pixels", f.max_image_pixels},
                              {"--max-message-bytes", f.max_message_bytes},
                              {"--max-prompt-bytes", f.max_prompt_bytes}}) {
-    if (value < 1) {
-      std::fprintf(stderr, "error: %s must be >= 1, got %lld\n", name,
-                   static_cast<long long>(value));
-      return 2;
-    }
+    if (value < 1) return std::string(name) + " must be >= 1, got " + std::to_string(value);
   }
   if (f.max_queue < 0 || f.drain_timeout < 0 || f.threads < 0) {
-    std::fprintf(stderr, "error: --max-queue, --drain-timeout and --threads must be >= 0\n");
-    return 2;
+    return "--max-queue, --drain-timeout and --threads must be >= 0";
   }
   if (f.default_max_new_tokens > f.max_new_tokens_limit) {
-    std::fprintf(stderr, "error: --default-max-new-tokens exceeds --max-new-tokens-limit\n");
-    return 2;
+    return "--default-max-new-tokens exceeds --max-new-tokens-limit";
   }
-  // A test hook, deliberately not a flag (tests/faults_test.cc): the engine fails on purpose
-  // after N model steps, to test what clients, health and metrics see when the model throws.
-  int64_t fail_after_steps = -1;
-  if (const char* env = std::getenv("VTW_TEST_FAIL_AFTER_STEPS"); env && *env) {
-    char* end = nullptr;
-    const long long n = std::strtoll(env, &end, 10);
-    if (*end != '\0' || n < 0) {
-      std::fprintf(stderr, "error: VTW_TEST_FAIL_AFTER_STEPS must be a number >= 0, got '%s'\n",
-                   env);
-      return 2;
-    }
-    fail_after_steps = n;
+  return "";
+}
+
+// A test hook, deliberately not a flag (tests/faults_test.cc): the engine fails on purpose
+// after N model steps, to test what clients, health and metrics see when the model throws.
+// -1 when VTW_TEST_FAIL_AFTER_STEPS is unset.
+vtw::StatusOr<int64_t> FailAfterStepsHook() {
+  const char* env = std::getenv("VTW_TEST_FAIL_AFTER_STEPS");
+  if (!env || !*env) return int64_t{-1};
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  if (*end != '\0' || n < 0) {
+    return vtw::InvalidArgument(std::string("VTW_TEST_FAIL_AFTER_STEPS must be a number >= 0, got '") +
+                                env + "'");
   }
-  // Credentials and the token are read now: a missing or bad file stops the server before it
-  // listens or loads anything.
-  auto credentials = vtw::BuildServerCredentials({f.tls_cert, f.tls_key, f.tls_client_ca});
-  if (!credentials.ok()) {
-    std::fprintf(stderr, "error: %s\n", credentials.status().message().c_str());
-    return 2;
-  }
-  std::string auth_token;
+  return static_cast<int64_t>(n);
+}
+
+struct Security {
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  std::string auth_token;  // empty: no token required
+};
+
+// TLS credentials and the bearer token, read before anything listens or loads.
+vtw::StatusOr<Security> LoadSecurity(const ServerFlags& f) {
+  Security s;
+  VTW_ASSIGN_OR_RETURN(s.credentials,
+                       vtw::BuildServerCredentials({f.tls_cert, f.tls_key, f.tls_client_ca}));
   if (!f.auth_token_file.empty()) {
-    auto token = vtw::ReadTokenFile("--auth-token-file", f.auth_token_file);
-    if (!token.ok()) {
-      std::fprintf(stderr, "error: %s\n", token.status().message().c_str());
+    VTW_ASSIGN_OR_RETURN(s.auth_token, vtw::ReadTokenFile("--auth-token-file", f.auth_token_file));
+  }
+  return s;
+}
+
+vtw::ServiceLimits LimitsFrom(const ServerFlags& f) {
+  vtw::ServiceLimits limits;
+  limits.default_max_new_tokens = f.default_max_new_tokens;
+  limits.max_new_tokens_limit = f.max_new_tokens_limit;
+  limits.max_prompt_bytes = static_cast<size_t>(f.max_prompt_bytes);
+  limits.image.max_pixels = f.max_image_pixels;
+  limits.image.max_bytes = static_cast<size_t>(f.max_message_bytes);
+  return limits;
+}
+
+vtw::EngineOptions EngineOptionsFrom(const ServerFlags& f, int64_t fail_after_steps) {
+  vtw::EngineOptions o;
+  o.scheduler.max_batch_tokens = f.max_batch_tokens;
+  o.scheduler.max_running = f.max_running;
+  o.scheduler.kv_cache_bytes = f.kv_cache_bytes;
+  o.max_queue = f.max_queue;
+  o.image_cache_entries = static_cast<size_t>(std::max(0, f.image_cache_entries));
+  o.fail_after_steps = fail_after_steps;
+  return o;
+}
+
+// The gRPC server (service, health, reflection) listening on --listen; null on failure.
+std::unique_ptr<grpc::Server> StartGrpc(const ServerFlags& f, const Security& security,
+                                        vtw::InferenceServiceImpl* service, int* bound_port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(f.listen, security.credentials, bound_port);
+  builder.RegisterService(service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(f.max_message_bytes));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, f.max_connection_age * 1000);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 60 * 1000);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || *bound_port == 0) return nullptr;
+  return server;
+}
+
+// grpc.health.v1 for the whole server and for the service, set together.
+void SetHealth(grpc::Server& server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
+  health->SetServingStatus(serving);
+  health->SetServingStatus("vtw.v1.InferenceService", serving);
+}
+
+vtw::StatusOr<std::unique_ptr<vtw::ModelBundle>> LoadModel(const ServerFlags& f,
+                                                          at::ScalarType dtype) {
+  const auto start = std::chrono::steady_clock::now();
+  VTW_ASSIGN_OR_RETURN(std::unique_ptr<vtw::ModelBundle> bundle,
+                       vtw::ModelBundle::Load(f.model, dtype));
+  const auto& config = bundle->model->config();
+  spdlog::info("model {} loaded in {:.2f} s: {} decoder layers, {} image tokens, default VTW {}",
+               config.name,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+               config.text.num_hidden_layers, config.num_image_tokens(),
+               bundle->vtw.default_layer ? "K=" + std::to_string(*bundle->vtw.default_layer)
+                                         : std::string("off"));
+  return bundle;
+}
+
+// On SIGTERM/SIGINT: health NOT_SERVING, no new requests, in-flight ones get --drain-timeout
+// seconds, the rest end with UNAVAILABLE.
+void WaitForSignalAndDrain(const sigset_t& signals, const ServerFlags& f, grpc::Server& server,
+                           vtw::Engine& engine) {
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("{} received: draining for up to {} s", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               f.drain_timeout);
+  SetHealth(server, false);
+  engine.Drain();
+  const bool idle = engine.WaitIdle(std::chrono::steady_clock::now() +
+                                    std::chrono::seconds(f.drain_timeout));
+  if (!idle) {
+    spdlog::warn("drain timeout: {} running and {} waiting requests end with UNAVAILABLE",
+                 engine.num_running(), engine.num_waiting());
+  }
+  engine.Stop(vtw::Status(vtw::StatusCode::kUnavailable,
+                          "the server shut down before the request finished; retry"));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vtw-server: LLaVA over gRPC with Visual Tokens Withdrawal"};
+  ServerFlags f;
+  AddFlags(app, f);
+  app.set_config("--config", "", "Read flags from a TOML/INI file")->envname("VTW_CONFIG");
+  CLI11_PARSE(app, argc, argv);
+  // Bad flags, files or hooks stop the server (exit 2) before it listens or loads anything.
+  if (std::string bad = CheckFlags(f); !bad.empty()) {
+    std::fprintf(stderr, "error: %s\n", bad.c_str());
+    return 2;
+  }
+  auto fail_after_steps = FailAfterStepsHook();
+  auto security = LoadSecurity(f);
+  for (const vtw::Status& st : {fail_after_steps.status(), security.status()}) {
+    if (!st.ok()) {
+      std::fprintf(stderr, "error: %s\n", st.message().c_str());
       return 2;
     }
-    auth_token = std::move(token).value();
   }
 
   vtw::ConfigureLogging(f.log_format, f.log_level);
@@ -167,9 +260,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (f.model.empty()) f.model = vtw::DefaultModelDir();
-  if (fail_after_steps >= 0) {
+  if (*fail_after_steps >= 0) {
     spdlog::warn("VTW_TEST_FAIL_AFTER_STEPS={}: the engine will fail on purpose after {} steps "
-                 "(a test hook; unset it outside tests)", fail_after_steps, fail_after_steps);
+                 "(a test hook; unset it outside tests)", *fail_after_steps, *fail_after_steps);
   }
   spdlog::info("effective configuration:\n{}", app.config_to_str(true, false));
 
@@ -179,9 +272,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
-  const int threads = f.threads > 0 ? f.threads : static_cast<int>(std::thread::hardware_concurrency());
-  at::set_num_threads(threads);
+  at::set_num_threads(f.threads > 0 ? f.threads
+                                    : static_cast<int>(std::thread::hardware_concurrency()));
 
   vtw::ServerMetrics metrics;
   vtw::MetricsHttpServer metrics_http(metrics.registry());
@@ -190,84 +282,35 @@ int main(int argc, char** argv) {
     return 1;
   }
   spdlog::info("metrics on http://{}/metrics", f.metrics_listen);
-
-  vtw::ServiceLimits limits;
-  limits.default_max_new_tokens = f.default_max_new_tokens;
-  limits.max_new_tokens_limit = f.max_new_tokens_limit;
-  limits.max_prompt_bytes = static_cast<size_t>(f.max_prompt_bytes);
-  limits.image.max_pixels = f.max_image_pixels;
-  limits.image.max_bytes = static_cast<size_t>(f.max_message_bytes);
-  vtw::InferenceServiceImpl service(limits, &metrics);
-  if (!auth_token.empty()) service.RequireBearerToken(auth_token);
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
+  vtw::InferenceServiceImpl service(LimitsFrom(f), &metrics);
+  if (!security->auth_token.empty()) service.RequireBearerToken(security->auth_token);
   int bound_port = 0;
-  builder.AddListeningPort(f.listen, *credentials, &bound_port);
-  builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(f.max_message_bytes));
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, f.max_connection_age * 1000);
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 60 * 1000);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || bound_port == 0) {
+  std::unique_ptr<grpc::Server> server = StartGrpc(f, *security, &service, &bound_port);
+  if (!server) {
     spdlog::error("cannot listen on {}", f.listen);
     return 1;
   }
-  auto* health = server->GetHealthCheckService();
-  auto set_health = [&](bool serving) {
-    health->SetServingStatus(serving);
-    health->SetServingStatus("vtw.v1.InferenceService", serving);
-  };
-  set_health(false);
+  SetHealth(*server, false);
   spdlog::info("gRPC listening on {} (port {}, {}{}); loading model {} ({})", f.listen, bound_port,
                f.tls_cert.empty() ? "plaintext"
                : f.tls_client_ca.empty() ? "TLS"
                                          : "mTLS: client certificates required",
-               auth_token.empty() ? "" : ", bearer token required", f.model, f.dtype);
+               security->auth_token.empty() ? "" : ", bearer token required", f.model, f.dtype);
 
-  const auto load_start = std::chrono::steady_clock::now();
-  auto bundle = vtw::ModelBundle::Load(f.model, *dtype);
+  auto bundle = LoadModel(f, *dtype);
   if (!bundle.ok()) {
     spdlog::error("cannot load the model: {}", bundle.status().message());
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     return 1;
   }
-  const auto& config = (*bundle)->model->config();
-  spdlog::info("model {} loaded in {:.2f} s: {} decoder layers, {} image tokens, default VTW {}",
-               config.name,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
-               config.text.num_hidden_layers, config.num_image_tokens(),
-               (*bundle)->vtw.default_layer ? "K=" + std::to_string(*(*bundle)->vtw.default_layer)
-                                            : std::string("off"));
-
-  vtw::EngineOptions engine_options;
-  engine_options.scheduler.max_batch_tokens = f.max_batch_tokens;
-  engine_options.scheduler.max_running = f.max_running;
-  engine_options.scheduler.kv_cache_bytes = f.kv_cache_bytes;
-  engine_options.max_queue = f.max_queue;
-  engine_options.image_cache_entries = static_cast<size_t>(std::max(0, f.image_cache_entries));
-  engine_options.fail_after_steps = fail_after_steps;
-  auto engine = std::make_unique<vtw::Engine>(**bundle, engine_options, &metrics,
-                                              [&](const std::string&) { set_health(false); });
+  auto engine = std::make_unique<vtw::Engine>(
+      **bundle, EngineOptionsFrom(f, *fail_after_steps), &metrics,
+      [&](const std::string&) { SetHealth(*server, false); });
   service.SetEngine(bundle->get(), engine.get());
-  set_health(true);
+  SetHealth(*server, true);
   spdlog::info("serving");
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  spdlog::info("{} received: draining for up to {} s", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-               f.drain_timeout);
-  set_health(false);
-  engine->Drain();
-  const bool idle = engine->WaitIdle(std::chrono::steady_clock::now() +
-                                     std::chrono::seconds(f.drain_timeout));
-  if (!idle) {
-    spdlog::warn("drain timeout: {} running and {} waiting requests end with UNAVAILABLE",
-                 engine->num_running(), engine->num_waiting());
-  }
-  engine->Stop(vtw::Status(vtw::StatusCode::kUnavailable,
-                           "the server shut down before the request finished; retry"));
+  WaitForSignalAndDrain(signals, f, *server, *engine);
   service.ClearEngine();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   engine.reset();

@@ -12,11 +12,15 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "eval/attention_study.h"
+#include "eval/blocked_generation.h"
+#include "eval/calibrate.h"
+#include "eval/image_features.h"
+#include "eval/vqa_eval.h"
 #include "server/generator.h"
 #include "server/model_bundle.h"
 #include "tests/util/oracle.h"
 #include "tests/util/subprocess.h"
-#include "eval/vqa_eval.h"
 #include "vtw/calibration.h"
 #include "vtw/vtw_settings.h"
 

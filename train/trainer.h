@@ -18,6 +18,8 @@
 #include "model/status.h"
 #include "model/tokenizer.h"
 #include "shapes/shapes_dataset.h"
+#include "train/teacher_forcing.h"
+#include "train/train_data.h"
 
 namespace vtw::tools {
 
@@ -87,16 +89,6 @@ struct TrainOptions {
   bool final_eval_all_k = true;  // validation accuracy at every K at the end
 };
 
-// One validation result.
-struct EvalResult {
-  int64_t count = 0;
-  double first_token_accuracy = 0;  // greedy first answer token correct
-  double exact_accuracy = 0;        // every answer token and the EOS after it greedy-correct
-  double loss = 0;                  // mean cross-entropy over answer tokens + EOS
-  std::map<std::string, double> exact_by_type;
-  std::map<std::string, int64_t> count_by_type;
-};
-
 struct TrainResult {
   int start_step = 0;            // > 0 when resumed
   int end_step = 0;
@@ -110,42 +102,11 @@ struct TrainResult {
 StatusOr<LlavaConfig> MakeTrainConfig(const std::string& preset, const Geometry& overrides,
                                       int sp_vocab_size);
 
-// One tokenized QA example over an image held in a dataset.
-struct TrainExample {
-  int32_t image = 0;                  // index into EncodedSplit::pixels
-  std::vector<int64_t> prompt_ids;    // expanded layout ids (image rows carry the image id)
-  std::vector<TokenKind> kinds;
-  std::vector<int64_t> target_ids;    // answer tokens then EOS
-  std::vector<int64_t> turn_ids;      // the question as a later turn: `USER: {q} ASSISTANT:`
-  int type = 0;                       // index into kQuestionTypes
-};
-
-// A split held in memory: preprocessed images (as uint8 values that reproduce
-// PreprocessImage's float output exactly) and tokenized examples.
-struct EncodedSplit {
-  at::Tensor pixels_u8;  // [N, 3, S, S] uint8
-  at::Tensor patch_color;  // [N, P] int64: 0 background, 1 + ShapeColor of the covering shape
-  at::Tensor patch_kind;   // [N, P] int64: 0 background, 1 + ShapeKind
-  at::Tensor patch_side;   // [N, P] int64: 0 background, 1 left, 2 right (the shape's centre)
-  std::vector<TrainExample> examples;
-  // float pixel values of images `idx` exactly as PreprocessImage gives them: [n, 3, S, S].
-  at::Tensor Pixels(const std::vector<int64_t>& idx) const;
-  std::vector<float> lut;  // [3 * 256] float value per channel and byte
-};
-
-// Generates `split` (count examples, questions_per_image, seed) like `vtw dataset` does
-// (same scenes, questions and encoded image bytes), decodes and preprocesses every image as
-// the runtime does, tokenizes. Uses `threads` worker threads for rendering.
-StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint64_t seed,
-                                  int questions_per_image, const Tokenizer& tokenizer,
-                                  const LlavaConfig& config, int threads, std::ostream* log);
-
-// Accuracy of `model` on `data` with withdrawal at `withdraw_layer` (>= layers: off), teacher
-// forced: exact = greedy decoding would emit exactly the answer tokens then EOS.
-EvalResult Evaluate(const LlavaModel& model, const EncodedSplit& data, int withdraw_layer,
-                    int batch_size = 64);
-
-// Runs training. Progress (a bar on a terminal, lines otherwise) goes to `log`.
+// Runs training in stages: data (tokenizer, config, the train and val splits), model and
+// optimizer, resume from a checkpoint, the vision pre-training stage, the main stage (one
+// optimizer step per batch, validation and checkpoints on schedule), then the final
+// validation and the model directory with training.json. Progress (a bar on a terminal, lines
+// otherwise) goes to `log`.
 StatusOr<TrainResult> RunTraining(const TrainOptions& options, std::ostream* log);
 
 }  // namespace vtw::tools
