@@ -96,13 +96,7 @@ class FakeSink final : public RequestSink {
   RequestSummary summary_;
 };
 
-std::string ImageBytes(int c) {
-  std::ifstream in(OracleDir() + "/" + OracleCases()[c]["image"].get<std::string>(),
-                   std::ios::binary);
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
+std::string ImageBytes(int c) { return testing::OracleImageBytes(c); }
 
 // Oracle case `c` as an engine request (greedy; EOS ignored, so it runs max_new_tokens).
 std::unique_ptr<Request> MakeRequest(const ModelBundle& bundle, int c, int k, int max_new_tokens,

@@ -22,13 +22,7 @@ namespace {
 using testing::OracleCases;
 using testing::OracleDir;
 
-std::string ImageBytes(int i) {
-  std::ifstream in(OracleDir() + "/" + OracleCases()[i]["image"].get<std::string>(),
-                   std::ios::binary);
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
+std::string ImageBytes(int c) { return testing::OracleImageBytes(c); }
 
 v1::GenerateRequest MakeRequest(int case_index, int max_new_tokens, v1::VtwMode mode,
                                 int layer = 0) {

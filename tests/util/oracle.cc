@@ -1,6 +1,7 @@
 #include "tests/util/oracle.h"
 
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 #include <unistd.h>
@@ -91,6 +92,15 @@ std::string CopyOracleModel(const std::filesystem::path& dest) {
 
 double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kFloat) - b.to(at::kFloat)).abs().max().item<double>();
+}
+
+std::string OracleImageBytes(int case_index) {
+  const std::string path = OracleDir() + "/" + OracleCases()[case_index]["image"].get<std::string>();
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream os;
+  os << in.rdbuf();
+  return os.str();
 }
 
 }  // namespace vtw::testing

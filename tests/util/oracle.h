@@ -26,6 +26,9 @@ at::Tensor OracleTensor(const std::string& relative_path);
 // The shared fp32 oracle model (loaded once).
 const LlavaModel& OracleModel();
 
+// The encoded bytes of case `case_index`'s image file.
+std::string OracleImageBytes(int case_index);
+
 // Layout of case `c` built from its expanded input_ids.
 PromptLayout OracleLayout(const nlohmann::json& c);
 
