@@ -109,6 +109,18 @@ void Engine::Finish(std::unique_ptr<Request> r, const Status& status) {
   if (r->sink) r->sink->OnDone(status, r->summary);
 }
 
+void Engine::FinishAll(Finished& finished) {
+  // Counted first, then the gauges, then the clients told: a client that sees its answer also
+  // sees its request counted and its KV cache released in the metrics.
+  const auto now = Clock::now();
+  for (auto& [r, status] : finished) accounting_.RequestFinished(*r, status, now);
+  UpdateGauges();
+  for (auto& [r, status] : finished) {
+    if (r->sink) r->sink->OnDone(status, r->summary);
+  }
+  finished.clear();  // the KV caches are freed here
+}
+
 void Engine::FailAll(const Status& status) {
   std::deque<std::unique_ptr<Request>> waiting;
   {
@@ -132,22 +144,27 @@ void Engine::UpdateGauges() {
     used += held;
     saved += accounting_.KvBytesWithoutVtw(*r) - held;
   }
-  kv_bytes_used_ = used;
-  num_running_ = static_cast<int>(running_.size());
+  const int running = static_cast<int>(running_.size());
   bool idle;
+  int waiting;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    num_waiting_ = static_cast<int>(waiting_.size());
+    waiting = static_cast<int>(waiting_.size());
     busy_ = !running_.empty();
     idle = waiting_.empty() && !busy_;
   }
-  if (idle) idle_cv_.notify_all();
+  // Metrics first, then the engine's own counters: whoever sees the engine idle (a test, the
+  // drain) also sees the released KV and the request counts in /metrics.
   if (metrics_) {
     metrics_->kv_cache_bytes->Set(static_cast<double>(used));
     metrics_->kv_cache_bytes_saved->Set(static_cast<double>(saved));
-    metrics_->requests_running->Set(num_running_);
-    metrics_->requests_waiting->Set(num_waiting_);
+    metrics_->requests_running->Set(running);
+    metrics_->requests_waiting->Set(waiting);
   }
+  kv_bytes_used_ = used;
+  num_running_ = running;
+  num_waiting_ = waiting;
+  if (idle) idle_cv_.notify_all();
 }
 
 bool Engine::TakeWork(std::vector<std::unique_ptr<Request>>* admitted, Finished* ended) {
@@ -184,7 +201,7 @@ void Engine::Loop() {
     std::vector<std::unique_ptr<Request>> admitted;
     Finished ended;
     if (!TakeWork(&admitted, &ended)) break;
-    for (auto& [r, status] : ended) Finish(std::move(r), status);
+    FinishAll(ended);
     try {
       Step(admitted);
     } catch (const std::exception& e) {
@@ -323,9 +340,7 @@ void Engine::ConsumeLogits(const ForwardOutput& out, const std::vector<size_t>& 
 
 void Engine::Step(std::vector<std::unique_ptr<Request>>& admitted) {
   StartRequests(admitted);
-  // Requests that end in this step; reported after the gauges are updated, so a client that
-  // sees its answer also sees its KV cache released in the metrics.
-  Finished finished;
+  Finished finished;  // requests that end in this step
   DropEndedRequests(&finished);
   if (!running_.empty()) {
     std::vector<size_t> members;  // running_ index of each batch sequence
@@ -340,8 +355,7 @@ void Engine::Step(std::vector<std::unique_ptr<Request>>& admitted) {
     ConsumeLogits(out, members, &finished);
   }
   ReleaseFinished();
-  UpdateGauges();
-  for (auto& [r, status] : finished) Finish(std::move(r), status);
+  FinishAll(finished);
 }
 
 }  // namespace vtw

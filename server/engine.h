@@ -92,6 +92,8 @@ class Engine {
   void ConsumeLogits(const ForwardOutput& out, const std::vector<size_t>& members,
                      Finished* finished);
   void Finish(std::unique_ptr<Request> request, const Status& status);
+  // Counts the finished requests, updates the gauges, then tells their clients.
+  void FinishAll(Finished& finished);
   void FailAll(const Status& status);
   void UpdateGauges();
   // Removes finished (null) entries from running_ and recomputes the reserved KV bytes.
