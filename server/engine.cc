@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string_view>
 
 #include "vtw/withdrawal.h"
 
@@ -56,6 +57,15 @@ int64_t Engine::KvReservation(const Request& r) const {
                                layout.num_image_tokens, r.withdraw_layer);
 }
 
+namespace {
+constexpr std::string_view kQueueFull = "the server is at capacity";
+}  // namespace
+
+bool Engine::IsQueueFull(const Status& status) {
+  return status.code() == StatusCode::kResourceExhausted &&
+         std::string_view(status.message()).substr(0, kQueueFull.size()) == kQueueFull;
+}
+
 Status Engine::Submit(std::unique_ptr<Request> request) {
   const int64_t need = KvReservation(*request);
   std::lock_guard<std::mutex> lock(mu_);
@@ -71,7 +81,7 @@ Status Engine::Submit(std::unique_ptr<Request> request) {
                              ": lower max_new_tokens or use VTW");
   }
   if (static_cast<int>(waiting_.size()) >= options_.max_queue) {
-    return ResourceExhausted("the server is at capacity (" + std::to_string(waiting_.size()) +
+    return ResourceExhausted(std::string(kQueueFull) + " (" + std::to_string(waiting_.size()) +
                              " requests waiting); retry later");
   }
   request->kv_reserved = need;
@@ -109,12 +119,12 @@ void Engine::Finish(std::unique_ptr<Request> r, const Status& status) {
   if (r->sink) r->sink->OnDone(status, r->summary);
 }
 
-void Engine::FinishAll(Finished& finished) {
+void Engine::FinishAll(Finished& finished, bool admitting) {
   // Counted first, then the gauges, then the clients told: a client that sees its answer also
   // sees its request counted and its KV cache released in the metrics.
   const auto now = Clock::now();
   for (auto& [r, status] : finished) accounting_.RequestFinished(*r, status, now);
-  UpdateGauges();
+  UpdateGauges(admitting);
   for (auto& [r, status] : finished) {
     if (r->sink) r->sink->OnDone(status, r->summary);
   }
@@ -136,7 +146,7 @@ void Engine::FailAll(const Status& status) {
   UpdateGauges();
 }
 
-void Engine::UpdateGauges() {
+void Engine::UpdateGauges(bool admitting) {
   int64_t used = 0, saved = 0;
   for (const auto& r : running_) {
     if (!r->cache) continue;
@@ -150,7 +160,7 @@ void Engine::UpdateGauges() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     waiting = static_cast<int>(waiting_.size());
-    busy_ = !running_.empty();
+    busy_ = !running_.empty() || admitting;
     idle = waiting_.empty() && !busy_;
   }
   // Metrics first, then the engine's own counters: whoever sees the engine idle (a test, the
@@ -201,7 +211,7 @@ void Engine::Loop() {
     std::vector<std::unique_ptr<Request>> admitted;
     Finished ended;
     if (!TakeWork(&admitted, &ended)) break;
-    FinishAll(ended);
+    FinishAll(ended, /*admitting=*/!admitted.empty());
     try {
       Step(admitted);
     } catch (const std::exception& e) {

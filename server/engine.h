@@ -60,6 +60,9 @@ class Engine {
   // (the sink is never called): UNAVAILABLE when draining/stopped/failed, RESOURCE_EXHAUSTED
   // when the queue is full or the request can never fit the KV budget.
   Status Submit(std::unique_ptr<Request> request);
+  // True for Submit's "the queue is full" (retry later: HTTP 429), as opposed to the other
+  // RESOURCE_EXHAUSTED (a request too large for the KV budget or the limits: 413).
+  static bool IsQueueFull(const Status& status);
 
   // Refuses new requests from now on; accepted ones continue.
   void Drain();
@@ -93,9 +96,10 @@ class Engine {
                      Finished* finished);
   void Finish(std::unique_ptr<Request> request, const Status& status);
   // Counts the finished requests, updates the gauges, then tells their clients.
-  void FinishAll(Finished& finished);
+  // `admitting`: requests taken from the queue are not in running_ yet (the engine stays busy).
+  void FinishAll(Finished& finished, bool admitting = false);
   void FailAll(const Status& status);
-  void UpdateGauges();
+  void UpdateGauges(bool admitting = false);
   // Removes finished (null) entries from running_ and recomputes the reserved KV bytes.
   void ReleaseFinished();
 
