@@ -24,6 +24,7 @@ RUN --mount=type=cache,target=/var/cache/apt/archives,id=vtw-apt-archives,sharin
       libtorch-dev libopenblas0-openmp \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       libopencv-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev libcli11-dev \
+      libcpp-httplib-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -54,7 +55,7 @@ RUN --mount=type=cache,target=/var/cache/apt/archives,id=vtw-apt-archives,sharin
       libtorch1.13 libopenblas0-openmp \
       libopencv-core406 libopencv-imgcodecs406 libopencv-imgproc406 \
       libgrpc++1.51 libgrpc29 libabsl20220623 libprotobuf32 \
-      libprometheus-cpp-core1.0 libspdlog1.10 libfmt9 \
+      libprometheus-cpp-core1.0 libspdlog1.10 libfmt9 libcpp-httplib0.11 \
  && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/debconf/*-old \
  && groupadd --gid 10001 vtw \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -66,7 +67,7 @@ COPY --from=build /src/models/vtw-shapes/ /opt/vtw/models/vtw-shapes/
 ENV VTW_MODEL=/opt/vtw/models/vtw-shapes
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 # Kubernetes uses its own gRPC probes (deploy/k8s); this is for docker/podman (docker format).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["vtw", "client", "--addr", "127.0.0.1:50051", "--health", "--timeout", "4"]

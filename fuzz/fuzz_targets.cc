@@ -23,6 +23,8 @@
 #include "model/sampler.h"
 #include "model/tokenizer.h"
 #include "server/model_bundle.h"
+#include "server/openai_api.h"
+#include "server/service.h"
 #include "server/validation.h"
 
 #ifndef VTW_SOURCE_DIR
@@ -391,7 +393,9 @@ void RequestTarget(const uint8_t* data, size_t size) {
   const ModelBundle& bundle = OracleBundle();
   ServiceLimits limits;  // the server's defaults
   limits.image.max_pixels = kFuzzMaxPixels;
-  auto request = BuildRequest(bundle, wire, limits);
+  StatusOr<RequestSpec> spec = SpecFromWire(wire);
+  auto request = spec.ok() ? BuildRequest(bundle, *spec, limits)
+                           : StatusOr<std::unique_ptr<Request>>(spec.status());
   if (!request.ok()) {
     Rejected("request", request.status());
     const grpc::Status status = ToGrpcStatus(request.status());
@@ -436,6 +440,34 @@ void RequestTarget(const uint8_t* data, size_t size) {
 
 // --- registry -------------------------------------------------------------------------------
 
+// --- OpenAI chat request parser -------------------------------------------------------------
+
+void ChatRequestTarget(const uint8_t* data, size_t size) {
+  const std::string_view body(reinterpret_cast<const char*>(data), size);
+  StatusOr<ChatCompletionRequest> parsed = ParseChatCompletionRequest(body, "tiny-llava");
+  if (!parsed.ok()) {
+    Rejected("chat_request", parsed.status());
+    const int http = HttpStatusFor(parsed.status());
+    FUZZ_CHECK(http == 400 || http == 404, "a parse error answers HTTP " + std::to_string(http));
+    FUZZ_CHECK(!parsed.status().message().empty(), "an error without a message");
+    // The error body is JSON whatever the message holds (invalid UTF-8 is replaced).
+    (void)ErrorJson(parsed.status()).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    return;
+  }
+  const RequestSpec& spec = parsed->spec;
+  FUZZ_CHECK(spec.raw_prompt, "the chat template was not applied");
+  FUZZ_CHECK(spec.prompt.size() >= std::strlen("USER:  ASSISTANT:"), "prompt '" + spec.prompt + "'");
+  FUZZ_CHECK(CountOccurrences(spec.prompt, kImageToken) == (spec.image.empty() ? 0 : 1),
+             "the prompt's <image> count does not match the image");
+  ServiceLimits limits;
+  limits.image.max_pixels = kFuzzMaxPixels;
+  auto request = BuildRequest(OracleBundle(), spec, limits);
+  if (!request.ok()) {
+    Rejected("chat_request", request.status());
+    FUZZ_CHECK(HttpStatusFor(request.status()) >= 400, "a rejected request answers 2xx");
+  }
+}
+
 const std::vector<Target>& Targets() {
   static const std::vector<Target> targets = {
       {"safetensors", &SafetensorsTarget, &InitNothing, 65536},
@@ -445,6 +477,7 @@ const std::vector<Target>& Targets() {
       {"tokenizer", &TokenizerTarget, &InitTokenizer, 4096},
       {"tokenizer_model", &TokenizerModelTarget, &InitTokenizerModel, 16384},
       {"request", &RequestTarget, &InitRequest, 65536},
+      {"chat_request", &ChatRequestTarget, &InitRequest, 65536},
   };
   return targets;
 }

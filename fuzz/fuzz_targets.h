@@ -48,6 +48,11 @@ void TokenizerModelTarget(const uint8_t* data, size_t size);
 // from the validated parameters returns in-vocab ids; rejected ones map to a non-OK gRPC status.
 void RequestTarget(const uint8_t* data, size_t size);
 
+// A /v1/chat/completions body -> ParseChatCompletionRequest -> BuildRequest against the oracle
+// bundle: errors map to HTTP 400/404 with a message and serialize as JSON; accepted bodies have
+// the chat template applied with one <image> per image.
+void ChatRequestTarget(const uint8_t* data, size_t size);
+
 struct Target {
   const char* name;  // fuzz/<name>_fuzz.cc, fuzz/corpus/<name>/
   void (*body)(const uint8_t*, size_t);

@@ -1170,6 +1170,33 @@ std::string ApplyLlavaChatTemplate(std::string_view user_prompt, bool has_image)
   return out;
 }
 
+std::string ApplyLlavaChatTemplate(const std::vector<ChatMessage>& messages) {
+  std::string out;
+  for (const ChatMessage& m : messages) {
+    switch (m.role) {
+      case ChatMessage::Role::kSystem:
+        out += m.text;
+        out += ' ';
+        break;
+      case ChatMessage::Role::kUser:
+        out += "USER: ";
+        if (m.image) {
+          out += kImageToken;
+          out += '\n';
+        }
+        out += m.text;
+        out += " ASSISTANT:";
+        break;
+      case ChatMessage::Role::kAssistant:
+        out += ' ';
+        out += m.text;
+        out += "</s>";
+        break;
+    }
+  }
+  return out;
+}
+
 int CountOccurrences(std::string_view text, std::string_view token) {
   if (token.empty()) return 0;
   int count = 0;

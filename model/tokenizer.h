@@ -178,6 +178,21 @@ class IncrementalDetokenizer {
 // without (the llava-hf 1.5 prompt format, no system prompt).
 std::string ApplyLlavaChatTemplate(std::string_view user_prompt, bool has_image);
 
+// One message of a conversation. `image`: the conversation's image goes at the start of this
+// message (a user message).
+struct ChatMessage {
+  enum class Role { kSystem, kUser, kAssistant };
+  Role role = Role::kUser;
+  std::string text;
+  bool image = false;
+};
+
+// The LLaVA-1.5 conversation format (vicuna_v1, as the model is trained): system texts, then
+// "USER: [<image>\n]{text} ASSISTANT: {answer}</s>USER: {text} ASSISTANT:". One user message
+// with an image gives exactly ApplyLlavaChatTemplate(text, true). The caller checks that the
+// last message is the user's (the reply comes next).
+std::string ApplyLlavaChatTemplate(const std::vector<ChatMessage>& messages);
+
 // Number of non-overlapping occurrences of `token` in `text` (0 for an empty token). Callers
 // use it to reject prompts whose count of "<image>" placeholders does not match the images.
 int CountOccurrences(std::string_view text, std::string_view token);

@@ -28,8 +28,9 @@ SERVING = {"accounting", "engine", "generator", "image_cache", "metrics", "model
 # System headers that only the network side may use.
 NETWORK_SYSTEM = re.compile(r"^(grpc|grpcpp|google/protobuf)/")
 # Project headers of the network side of server/.
-SERVICE_HEADERS = {"server/log_format.h", "server/metrics_http.h", "server/security.h",
-                   "server/service.h", "server/validation.h"}
+SERVICE_HEADERS = {"server/http_util.h", "server/intake.h", "server/log_format.h",
+                   "server/metrics_http.h", "server/openai_api.h", "server/openai_http.h",
+                   "server/security.h", "server/service.h", "server/validation.h"}
 INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
 
 

@@ -33,8 +33,9 @@ declare -A MAX_LEN=(
   [tokenizer]=4096
   [tokenizer_model]=16384
   [request]=65536
+  [chat_request]=65536
 )
-ALL_TARGETS=(safetensors shard_index llava_config image tokenizer tokenizer_model request)
+ALL_TARGETS=(safetensors shard_index llava_config image tokenizer tokenizer_model request chat_request)
 
 command -v clang++ >/dev/null || { echo "[fuzz] clang++ not found: apt-get install clang libclang-rt-14-dev llvm" >&2; exit 2; }
 

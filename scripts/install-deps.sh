@@ -8,7 +8,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece
+  libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece libcpp-httplib-dev curl
   nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
   prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml
   yamllint openssl

@@ -79,6 +79,7 @@ pick_port() {
 }
 GRPC_PORT=$(pick_port)
 METRICS_PORT=$(pick_port "$GRPC_PORT")
+HTTP_PORT=$(pick_port "$METRICS_PORT")
 
 CTR=$("${SUDO[@]}" buildah from --pull-never "$IMAGE")
 log "container $CTR from $IMAGE"
@@ -110,7 +111,7 @@ fi
 log "starting vtw-server (gRPC 127.0.0.1:$GRPC_PORT, metrics 127.0.0.1:$METRICS_PORT)"
 T_START=$(date +%s)
 "${RUN[@]}" vtw-server --listen "127.0.0.1:$GRPC_PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" \
-  > "$WORK/server.log" 2>&1 &
+  --http-listen "127.0.0.1:$HTTP_PORT" > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 show_log() { echo "----- vtw-server log (last 40 lines) -----" >&2; tail -40 "$WORK/server.log" >&2; }
 
@@ -134,9 +135,23 @@ printf '%s' "$answer" | grep -q '"text":"[^"]' || { show_log; fail "empty answer
 printf '%s' "$answer" | grep -Eq '"finish_reason":"FINISH_REASON_(EOS|LENGTH|STOP)"' ||
   { show_log; fail "no finish reason in the answer"; }
 
+# The OpenAI-compatible HTTP front, as curl users call it.
+python3 - "$IMG" "$PROMPT" > "$WORK/chat.json" <<'PY'
+import base64, json, sys
+url = "data:image/png;base64," + base64.b64encode(open(sys.argv[1], "rb").read()).decode()
+print(json.dumps({"messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": sys.argv[2]}]}],
+    "max_tokens": 16}))
+PY
+chat=$(curl -sS --max-time 120 -H 'Content-Type: application/json' -d @"$WORK/chat.json" \
+  "http://127.0.0.1:$HTTP_PORT/v1/chat/completions") || { show_log; fail "POST /v1/chat/completions failed"; }
+printf '%s' "$chat" | grep -q '"object":"chat.completion"' ||
+  { echo "$chat" >&2; show_log; fail "no chat.completion from HTTP"; }
+log "HTTP /v1/chat/completions answered: $chat"
+
 metrics=$(curl -sS --max-time 10 "http://127.0.0.1:$METRICS_PORT/metrics") ||
   { show_log; fail "GET /metrics failed"; }
-printf '%s\n' "$metrics" | grep -Eq '^vtw_requests_total\{code="OK"\} 1(\.0+)?$' || {
+printf '%s\n' "$metrics" | grep -Eq '^vtw_requests_total\{code="OK",protocol="grpc"\} 1(\.0+)?$' || {
   printf '%s\n' "$metrics" | grep '^vtw_requests_total' >&2
   fail '/metrics has no vtw_requests_total{code="OK"} 1'
 }

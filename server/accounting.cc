@@ -100,13 +100,13 @@ void Accounting::RequestFinished(Request& r, const Status& status, Clock::time_p
   s.kv_cache_bytes_without_vtw = KvBytesWithoutVtw(r);
   const char* code = StatusCodeName(status.code());
   if (metrics_) {
-    metrics_->CountRequest(code);
+    metrics_->CountRequest(code, r.protocol);
     metrics_->request_duration->Observe(s.total_seconds);
   }
   spdlog::info(
-      "access id={} status={} prompt_tokens={} image_tokens={} completion_tokens={} K={} "
+      "access id={} protocol={} status={} prompt_tokens={} image_tokens={} completion_tokens={} K={} "
       "vtw={} flops={} flops_saved={} queue_s={:.4f} ttft_s={:.4f} total_s={:.4f}{}",
-      r.id, code, s.prompt_tokens, s.image_tokens, s.token_ids.size(), s.withdraw_layer,
+      r.id, r.protocol, code, s.prompt_tokens, s.image_tokens, s.token_ids.size(), s.withdraw_layer,
       s.vtw_applied, s.flops, s.flops_without_vtw - s.flops, s.queue_seconds, s.ttft_seconds,
       s.total_seconds, status.ok() ? "" : " error=\"" + status.message() + "\"");
 }

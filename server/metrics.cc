@@ -26,10 +26,13 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
   };
   requests_total_ = &prometheus::BuildCounter()
                          .Name("vtw_requests_total")
-                         .Help("Finished requests by gRPC status code")
+                         .Help("Finished requests by gRPC status code name and protocol")
                          .Register(r);
-  for (int code = 0; code < kNumStatusCodes; ++code) {  // every code pre-created at 0
-    requests_total_->Add({{"code", StatusCodeName(static_cast<StatusCode>(code))}});
+  for (const char* protocol : kProtocols) {  // every code pre-created at 0
+    for (int code = 0; code < kNumStatusCodes; ++code) {
+      requests_total_->Add(
+          {{"code", StatusCodeName(static_cast<StatusCode>(code))}, {"protocol", protocol}});
+    }
   }
   request_duration = histogram("vtw_request_duration_seconds",
                                "Time from acceptance to the terminal status", LatencyBuckets());
@@ -80,8 +83,8 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
   model_layers = gauge("vtw_model_layers", "Decoder layers of the served model");
 }
 
-void ServerMetrics::CountRequest(const std::string& code) {
-  requests_total_->Add({{"code", code}}).Increment();
+void ServerMetrics::CountRequest(const std::string& code, const std::string& protocol) {
+  requests_total_->Add({{"code", code}, {"protocol", protocol}}).Increment();
 }
 
 }  // namespace vtw

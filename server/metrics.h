@@ -1,7 +1,7 @@
-// ServerMetrics: every Prometheus metric of vtw-serve (prometheus-cpp), in base units, and the
-// /metrics HTTP exposer. The metric names are a public contract (README, deploy/prometheus,
-// deploy/grafana); MetricsHttpServer serves them. prometheus-cpp metrics are thread-safe: the engine thread and gRPC threads
-// update them concurrently.
+// ServerMetrics: every Prometheus metric of vtw-serve (prometheus-cpp), in base units. The metric
+// names are a public contract (README, deploy/prometheus, deploy/grafana); MetricsHttpServer
+// (server/metrics_http.h) serves them. prometheus-cpp metrics are thread-safe: the engine thread
+// and the network threads update them concurrently.
 #pragma once
 
 #include <memory>
@@ -15,6 +15,11 @@
 
 namespace vtw {
 
+// The `protocol` label values: requests over gRPC (vtw.v1) and over HTTP (/v1/chat/completions).
+inline constexpr const char* kProtocolGrpc = "grpc";
+inline constexpr const char* kProtocolHttp = "http";
+inline constexpr const char* kProtocols[] = {kProtocolGrpc, kProtocolHttp};
+
 class ServerMetrics {
  public:
   ServerMetrics();
@@ -23,8 +28,9 @@ class ServerMetrics {
 
   const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
 
-  // Counts a finished request by its gRPC status code name ("OK", "INVALID_ARGUMENT", ...).
-  void CountRequest(const std::string& code);
+  // Counts a finished request by its status code name ("OK", "INVALID_ARGUMENT", ...; the
+  // gRPC names also for HTTP requests) and protocol (kProtocols).
+  void CountRequest(const std::string& code, const std::string& protocol);
 
   prometheus::Histogram* request_duration;
   prometheus::Histogram* queue_duration;

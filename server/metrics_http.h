@@ -1,10 +1,9 @@
 // MetricsHttpServer: serves GET /metrics (Prometheus text format 0.0.4) from a prometheus-cpp
-// registry on one small thread with plain sockets. (prometheus-cpp's civetweb exposer cannot
-// start its threads in a process that has LibTorch loaded, so we serve the text ourselves.)
-// Thread-safe; Start once, Stop (or the destructor) joins.
+// registry, on cpp-httplib (server/http_util.h) with two threads. (prometheus-cpp's civetweb
+// exposer cannot start its threads in a process that has LibTorch loaded.) Other paths get 404,
+// other methods 405. Thread-safe; Start once, Stop (or the destructor) joins.
 #pragma once
 
-#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -12,6 +11,10 @@
 #include <prometheus/registry.h>
 
 #include "model/status.h"
+
+namespace httplib {
+class Server;
+}
 
 namespace vtw {
 
@@ -28,14 +31,10 @@ class MetricsHttpServer {
   int port() const { return port_; }
 
  private:
-  void Serve();
-  void Handle(int fd);
-
   std::shared_ptr<prometheus::Registry> registry_;
-  int listen_fd_ = -1;
-  int port_ = 0;
-  std::atomic<bool> stopping_{false};
+  std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
+  int port_ = 0;
 };
 
 }  // namespace vtw

@@ -50,6 +50,7 @@ class RequestSink {
 struct Request {
   // Set by the submitter.
   std::string id;
+  const char* protocol = "grpc";  // kProtocolGrpc or kProtocolHttp (metrics label, access log)
   PreparedPrompt prompt;
   ImageKey image_key;
   SamplingParams sampling;

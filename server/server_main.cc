@@ -1,5 +1,6 @@
-// vtw-server: serves a LLaVA model over gRPC with Visual Tokens Withdrawal. With no flags it
-// serves the shipped model on 0.0.0.0:50051 with metrics on 0.0.0.0:9090/metrics. Every flag
+// vtw-server: serves a LLaVA model with Visual Tokens Withdrawal over gRPC and over
+// OpenAI-compatible HTTP. With no flags it serves the shipped model: gRPC on 0.0.0.0:50051,
+// HTTP (/v1/chat/completions) on 0.0.0.0:8080, metrics on 0.0.0.0:9090/metrics. Every flag
 // has a VTW_* environment variable and may come from a config file (--config, TOML/INI).
 #include <pthread.h>
 #include <signal.h>
@@ -23,6 +24,7 @@
 #include "server/log_format.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "server/openai_http.h"
 #include "server/security.h"
 #include "server/service.h"
 
@@ -32,6 +34,9 @@ struct ServerFlags {
   std::string model;
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen = "0.0.0.0:9090";
+  std::string http_listen = "0.0.0.0:8080";
+  int http_threads = 128;
+  int http_request_timeout = 300;
   std::string dtype = "fp32";
   std::string device = "cpu";
   int threads = 0;
@@ -62,6 +67,12 @@ void AddFlags(CLI::App& app, ServerFlags& f) {
   opt("--model", f.model, "VTW_MODEL", "Model directory (default: the shipped model)");
   opt("--listen", f.listen, "VTW_LISTEN", "gRPC address");
   opt("--metrics-listen", f.metrics_listen, "VTW_METRICS_LISTEN", "Prometheus /metrics address");
+  opt("--http-listen", f.http_listen, "VTW_HTTP_LISTEN",
+      "OpenAI-compatible HTTP address (/v1/chat/completions); empty: no HTTP");
+  opt("--http-threads", f.http_threads, "VTW_HTTP_THREADS",
+      "HTTP requests served at once (each waits on its own thread)");
+  opt("--http-request-timeout", f.http_request_timeout, "VTW_HTTP_REQUEST_TIMEOUT",
+      "Deadline in seconds of an HTTP request (a request's \"vtw_timeout\" may shorten it)");
   opt("--dtype", f.dtype, "VTW_DTYPE", "fp32 or bf16");
   opt("--device", f.device, "VTW_DEVICE", "cpu (cuda needs a CUDA build of LibTorch)");
   opt("--threads", f.threads, "VTW_THREADS", "Model threads (0 = all cores)");
@@ -87,13 +98,13 @@ void AddFlags(CLI::App& app, ServerFlags& f) {
   opt("--max-connection-age", f.max_connection_age, "VTW_MAX_CONNECTION_AGE",
       "Seconds before a client connection is asked to reconnect (spreads load after scale-up)");
   opt("--tls-cert", f.tls_cert, "VTW_TLS_CERT",
-      "PEM certificate chain: serve gRPC over TLS (with --tls-key)");
+      "PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key)");
   opt("--tls-key", f.tls_key, "VTW_TLS_KEY", "PEM private key of --tls-cert");
   opt("--tls-client-ca", f.tls_client_ca, "VTW_TLS_CLIENT_CA",
       "PEM CA: clients must present a certificate it signed (mTLS; needs --tls-cert)");
   opt("--auth-token-file", f.auth_token_file, "VTW_AUTH_TOKEN_FILE",
-      "File with a bearer token every vtw.v1 call must send as 'authorization: Bearer <token>' "
-      "(health and reflection stay open)");
+      "File with a bearer token every vtw.v1 call and HTTP /v1 request must send as "
+      "'authorization: Bearer <token>' (health, reflection and /health stay open)");
 }
 
 // Flag values that cannot work: the message to print (exit status 2), or empty.
@@ -105,7 +116,9 @@ std::string CheckFlags(const ServerFlags& f) {
                              {"--max-new-tokens-limit", f.max_new_tokens_limit},
                              {"--max-image-pixels", f.max_image_pixels},
                              {"--max-message-bytes", f.max_message_bytes},
-                             {"--max-prompt-bytes", f.max_prompt_bytes}}) {
+                             {"--max-prompt-bytes", f.max_prompt_bytes},
+                             {"--http-threads", f.http_threads},
+                             {"--http-request-timeout", f.http_request_timeout}}) {
     if (value < 1) return std::string(name) + " must be >= 1, got " + std::to_string(value);
   }
   if (f.max_queue < 0 || f.drain_timeout < 0 || f.threads < 0) {
@@ -185,6 +198,23 @@ std::unique_ptr<grpc::Server> StartGrpc(const ServerFlags& f, const Security& se
   return server;
 }
 
+// The OpenAI-compatible HTTP front on --http-listen (null when the flag is empty), sharing the
+// gRPC service's intake and TLS files.
+vtw::StatusOr<std::unique_ptr<vtw::OpenAiHttpServer>> StartHttp(const ServerFlags& f,
+                                                                const vtw::RequestIntake& intake) {
+  if (f.http_listen.empty()) return std::unique_ptr<vtw::OpenAiHttpServer>();
+  vtw::HttpServerOptions o;
+  o.listen = f.http_listen;
+  o.threads = f.http_threads;
+  o.request_timeout_seconds = f.http_request_timeout;
+  // The image travels base64 in the JSON: 4/3 of --max-message-bytes, plus room for the text.
+  o.max_body_bytes = static_cast<size_t>(f.max_message_bytes) / 3 * 4 + (1 << 20);
+  o.tls = {f.tls_cert, f.tls_key, f.tls_client_ca};
+  auto http = std::make_unique<vtw::OpenAiHttpServer>(intake, o);
+  VTW_RETURN_IF_ERROR(http->Start());
+  return http;
+}
+
 // grpc.health.v1 for the whole server and for the service, set together.
 void SetHealth(grpc::Server& server, bool serving) {
   grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
@@ -210,12 +240,13 @@ vtw::StatusOr<std::unique_ptr<vtw::ModelBundle>> LoadModel(const ServerFlags& f,
 // On SIGTERM/SIGINT: health NOT_SERVING, no new requests, in-flight ones get --drain-timeout
 // seconds, the rest end with UNAVAILABLE.
 void WaitForSignalAndDrain(const sigset_t& signals, const ServerFlags& f, grpc::Server& server,
-                           vtw::Engine& engine) {
+                           vtw::OpenAiHttpServer* http, vtw::Engine& engine) {
   int sig = 0;
   sigwait(&signals, &sig);
   spdlog::info("{} received: draining for up to {} s", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                f.drain_timeout);
   SetHealth(server, false);
+  if (http) http->SetServing(false);
   engine.Drain();
   const bool idle = engine.WaitIdle(std::chrono::steady_clock::now() +
                                     std::chrono::seconds(f.drain_timeout));
@@ -282,8 +313,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   spdlog::info("metrics on http://{}/metrics", f.metrics_listen);
-  vtw::InferenceServiceImpl service(LimitsFrom(f), &metrics);
-  if (!security->auth_token.empty()) service.RequireBearerToken(security->auth_token);
+  vtw::RequestIntake intake(LimitsFrom(f), &metrics);
+  if (!security->auth_token.empty()) intake.RequireBearerToken(security->auth_token);
+  vtw::InferenceServiceImpl service(intake);
   int bound_port = 0;
   std::unique_ptr<grpc::Server> server = StartGrpc(f, *security, &service, &bound_port);
   if (!server) {
@@ -297,21 +329,37 @@ int main(int argc, char** argv) {
                                          : "mTLS: client certificates required",
                security->auth_token.empty() ? "" : ", bearer token required", f.model, f.dtype);
 
+  auto http = StartHttp(f, intake);
+  if (!http.ok()) {
+    spdlog::error("cannot serve HTTP: {}", http.status().message());
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    return 1;
+  }
+  vtw::OpenAiHttpServer* http_server = http->get();
+  if (http_server) {
+    spdlog::info("HTTP (OpenAI-compatible /v1/chat/completions) on {} (port {})", f.http_listen,
+                 http_server->port());
+  }
   auto bundle = LoadModel(f, *dtype);
   if (!bundle.ok()) {
     spdlog::error("cannot load the model: {}", bundle.status().message());
+    if (http_server) http_server->Stop();
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     return 1;
   }
   auto engine = std::make_unique<vtw::Engine>(
-      **bundle, EngineOptionsFrom(f, *fail_after_steps), &metrics,
-      [&](const std::string&) { SetHealth(*server, false); });
-  service.SetEngine(bundle->get(), engine.get());
+      **bundle, EngineOptionsFrom(f, *fail_after_steps), &metrics, [&](const std::string&) {
+        SetHealth(*server, false);
+        if (http_server) http_server->SetServing(false);
+      });
+  intake.SetEngine(bundle->get(), engine.get());
   SetHealth(*server, true);
+  if (http_server) http_server->SetServing(true);
   spdlog::info("serving");
 
-  WaitForSignalAndDrain(signals, f, *server, *engine);
-  service.ClearEngine();
+  WaitForSignalAndDrain(signals, f, *server, http_server, *engine);
+  intake.ClearEngine();
+  if (http_server) http_server->Stop();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   engine.reset();
   spdlog::info("stopped");

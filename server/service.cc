@@ -181,29 +181,50 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
 
 }  // namespace
 
-void InferenceServiceImpl::SetEngine(const ModelBundle* bundle, Engine* engine) {
-  std::lock_guard<std::mutex> lock(mu_);
-  bundle_ = bundle;
-  engine_ = engine;
+grpc::Status ToGrpcStatus(const Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  grpc::StatusCode code = static_cast<grpc::StatusCode>(static_cast<int>(status.code()));
+  if (status.code() == StatusCode::kDataLoss) code = grpc::StatusCode::INTERNAL;
+  return grpc::Status(code, status.message());
 }
 
-void InferenceServiceImpl::ClearEngine() {
-  std::lock_guard<std::mutex> lock(mu_);
-  bundle_ = nullptr;
-  engine_ = nullptr;
-}
-
-void InferenceServiceImpl::RequireBearerToken(const std::string& token) {
-  auth_ = std::make_unique<const BearerTokenAuth>(token);
+StatusOr<RequestSpec> SpecFromWire(const v1::GenerateRequest& wire) {
+  RequestSpec spec;
+  spec.request_id = wire.request_id();
+  spec.image = wire.image();
+  spec.prompt = wire.prompt();
+  const v1::SamplingParams& sp = wire.sampling();
+  if (sp.has_max_new_tokens()) spec.max_new_tokens = sp.max_new_tokens();
+  spec.temperature = sp.temperature();
+  spec.top_k = sp.top_k();
+  if (sp.has_top_p()) spec.top_p = sp.top_p();
+  spec.seed = sp.seed();
+  spec.stop.assign(sp.stop().begin(), sp.stop().end());
+  spec.ignore_eos = sp.ignore_eos();
+  spec.vtw_layer = wire.vtw().layer();
+  spec.vtw_profile = wire.vtw().profile();
+  switch (wire.vtw().mode()) {
+    case v1::VTW_MODE_DEFAULT: spec.vtw_mode = VtwMode::kDefault; break;
+    case v1::VTW_MODE_OFF: spec.vtw_mode = VtwMode::kOff; break;
+    case v1::VTW_MODE_LAYER: spec.vtw_mode = VtwMode::kLayer; break;
+    case v1::VTW_MODE_PROFILE: spec.vtw_mode = VtwMode::kProfile; break;
+    default: return InvalidArgument("unknown vtw.mode " + std::to_string(wire.vtw().mode()));
+  }
+  spec.max_new_tokens_field = "sampling.max_new_tokens";
+  spec.stop_field = "sampling.stop";
+  return spec;
 }
 
 grpc::Status InferenceServiceImpl::Authenticate(const grpc::CallbackServerContext* context,
                                                 bool count) {
-  if (!auth_ || auth_->Check(*context)) return grpc::Status::OK;
-  if (count && metrics_) metrics_->CountRequest("UNAUTHENTICATED");
-  spdlog::info("access id=- status=UNAUTHENTICATED peer={} error=\"{}\"", context->peer(),
-               kUnauthenticatedMessage);
-  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, kUnauthenticatedMessage);
+  if (!intake_.token_required()) return grpc::Status::OK;
+  std::string_view authorization;
+  const auto& metadata = context->client_metadata();
+  if (auto it = metadata.find("authorization"); it != metadata.end()) {
+    authorization = std::string_view(it->second.data(), it->second.size());
+  }
+  return ToGrpcStatus(intake_.Authenticate(authorization, context->peer(), kProtocolGrpc, count,
+                                           kUnauthenticatedMessage));
 }
 
 template <typename Message>
@@ -231,36 +252,10 @@ Status InferenceServiceImpl::Accept(grpc::CallbackServerContext* context,
                                     std::shared_ptr<RequestSink> sink,
                                     std::shared_ptr<std::atomic<bool>> cancel,
                                     std::string* request_id) {
-  const ModelBundle* bundle;
-  Engine* engine;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    bundle = bundle_;
-    engine = engine_;
-  }
-  Status status;
-  if (!bundle || !engine) {
-    status = Status(StatusCode::kUnavailable, "the model is not loaded (starting or stopping)");
-  } else {
-    StatusOr<std::unique_ptr<Request>> built = BuildRequest(*bundle, wire, limits_);
-    if (!built.ok()) {
-      status = built.status();
-    } else {
-      std::unique_ptr<Request> request = std::move(built).value();
-      request->deadline = SteadyDeadline(context);
-      request->sink = std::move(sink);
-      request->cancelled = std::move(cancel);
-      *request_id = request->id;
-      status = engine->Submit(std::move(request));
-    }
-  }
-  if (!status.ok()) {
-    if (metrics_) metrics_->CountRequest(StatusCodeName(status.code()));
-    spdlog::info("access id={} status={} error=\"{}\"",
-                 wire.request_id().empty() ? "-" : wire.request_id().substr(0, 128),
-                 StatusCodeName(status.code()), status.message());
-  }
-  return status;
+  StatusOr<RequestSpec> spec = SpecFromWire(wire);
+  if (!spec.ok()) return intake_.Reject(spec.status(), kProtocolGrpc, wire.request_id());
+  return intake_.Accept(*spec, kProtocolGrpc, SteadyDeadline(context), std::move(sink),
+                        std::move(cancel), request_id);
 }
 
 grpc::ServerUnaryReactor* InferenceServiceImpl::Generate(grpc::CallbackServerContext* context,
@@ -286,11 +281,7 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::GetModelInfo(grpc::CallbackServe
     reactor->Finish(auth);
     return reactor;
   }
-  const ModelBundle* bundle;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    bundle = bundle_;
-  }
+  const ModelBundle* bundle = intake_.bundle();
   if (!bundle) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is not loaded"));
     return reactor;

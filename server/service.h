@@ -1,10 +1,10 @@
 // InferenceService: the gRPC callback service (vtw.v1.InferenceService). Each call gets one
-// reactor object that owns its state; reactors validate and enqueue on the gRPC thread and write
-// what the engine reports; they never run inference and never block on it. Until SetEngine is
-// called (model loading) and after the engine is gone, calls get UNAVAILABLE. With a bearer
-// token (RequireBearerToken) every call of the service must carry it, or gets UNAUTHENTICATED
-// before anything else is looked at; grpc.health.v1 and reflection are other services and stay
-// open.
+// reactor object that owns its state; reactors validate and enqueue on the gRPC thread (through
+// the RequestIntake that the HTTP front shares) and write what the engine reports; they never
+// run inference and never block on it. Until the intake has an engine (model loading) and after
+// it is gone, calls get UNAVAILABLE. With a bearer token every call of the service must carry
+// it, or gets UNAUTHENTICATED before anything else is looked at; grpc.health.v1 and reflection
+// are other services and stay open.
 #pragma once
 
 #include <atomic>
@@ -14,25 +14,25 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include "server/engine.h"
-#include "server/metrics.h"
+#include "server/intake.h"
 #include "server/security.h"
 #include "server/validation.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
 namespace vtw {
 
+// vtw::Status -> grpc::Status: the one place (same code numbers; DATA_LOSS from model files
+// becomes INTERNAL).
+grpc::Status ToGrpcStatus(const Status& status);
+
+// The protocol-neutral form of a wire request (server/validation.h); InvalidArgument for an
+// unknown vtw.mode.
+StatusOr<RequestSpec> SpecFromWire(const v1::GenerateRequest& wire);
+
 class InferenceServiceImpl final : public v1::InferenceService::CallbackService {
  public:
-  InferenceServiceImpl(ServiceLimits limits, ServerMetrics* metrics)
-      : limits_(limits), metrics_(metrics) {}
-
-  // Makes the service live (after the model has loaded). Both must outlive the service's calls.
-  void SetEngine(const ModelBundle* bundle, Engine* engine);
-  // Calls from now on get UNAVAILABLE (used at shutdown before the engine is destroyed).
-  void ClearEngine();
-  // Every call must carry `authorization: Bearer <token>`. Call before the server starts.
-  void RequireBearerToken(const std::string& token);
+  // `intake` (shared with the HTTP front) must outlive the service's calls.
+  explicit InferenceServiceImpl(const RequestIntake& intake) : intake_(intake) {}
 
   // OK when no token is required or the call carries it; otherwise UNAUTHENTICATED with
   // kUnauthenticatedMessage, logged, and counted in vtw_requests_total when `count` (the
@@ -48,8 +48,8 @@ class InferenceServiceImpl final : public v1::InferenceService::CallbackService 
                                          const v1::GetModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
 
-  // Validates and submits; on failure returns the status (nothing was accepted). Shared by the
-  // unary and streaming reactors.
+  // Validates and submits through the intake; on failure returns the status (nothing was
+  // accepted). Shared by the unary and streaming reactors.
   Status Accept(grpc::CallbackServerContext* context, const v1::GenerateRequest& wire,
                 std::shared_ptr<RequestSink> sink, std::shared_ptr<std::atomic<bool>> cancel,
                 std::string* request_id);
@@ -59,12 +59,7 @@ class InferenceServiceImpl final : public v1::InferenceService::CallbackService 
   static void FillFinal(const RequestSummary& s, Message* m);
 
  private:
-  ServiceLimits limits_;
-  ServerMetrics* metrics_;
-  std::unique_ptr<const BearerTokenAuth> auth_;  // set before the server starts, then read-only
-  std::mutex mu_;
-  const ModelBundle* bundle_ = nullptr;  // guarded by mu_
-  Engine* engine_ = nullptr;             // guarded by mu_
+  const RequestIntake& intake_;
 };
 
 }  // namespace vtw

@@ -1,17 +1,18 @@
-// Request validation: turns a wire GenerateRequest into an engine Request, or a Status a person
-// can act on (INVALID_ARGUMENT for bad input). Runs on gRPC threads; pure apart from image
-// decoding and tokenization. The one place that maps vtw::Status to grpc::Status lives here too.
+// Request validation, the same for every protocol: a RequestSpec (what a client asked for,
+// already decoded from its wire format: gRPC message or OpenAI-style JSON) becomes an engine
+// Request, or a Status a person can act on (INVALID_ARGUMENT for bad input). Runs on the
+// network threads; pure apart from image decoding and tokenization. Thread-safe.
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
-
-#include <grpcpp/support/status.h>
+#include <vector>
 
 #include "model/image_processor.h"
 #include "server/model_bundle.h"
 #include "server/request.h"
-#include "vtw/v1/inference.pb.h"
+#include "vtw/vtw_settings.h"
 
 namespace vtw {
 
@@ -22,14 +23,31 @@ struct ServiceLimits {
   ImageLimits image;                 // encoded bytes and decoded pixels
 };
 
-// Validates `wire` against the model and the limits and prepares its prompt (decodes the image,
-// applies the chat template, tokenizes). The returned Request has no sink, deadline or id set
-// beyond what `wire` carries.
-StatusOr<std::unique_ptr<Request>> BuildRequest(const ModelBundle& bundle,
-                                                const v1::GenerateRequest& wire,
-                                                const ServiceLimits& limits);
+// A generation request in protocol-neutral form.
+struct RequestSpec {
+  std::string request_id;           // empty: the server makes one up
+  std::string image;                // encoded image bytes; empty = text only
+  std::string prompt;               // the question (chat template applied here), or with
+  bool raw_prompt = false;          //   raw_prompt the whole templated text with <image>
+  std::optional<int64_t> max_new_tokens;  // unset: limits.default_max_new_tokens
+  float temperature = 0.0f;
+  int64_t top_k = 0;
+  std::optional<float> top_p;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  VtwMode vtw_mode = VtwMode::kDefault;
+  int64_t vtw_layer = 0;            // with kLayer
+  std::string vtw_profile;          // with kProfile
+  // How the client's protocol names two fields, for error messages.
+  const char* max_new_tokens_field = "max_new_tokens";
+  const char* stop_field = "stop";
+};
 
-// vtw::Status -> grpc::Status (same code numbers; DATA_LOSS from model files becomes INTERNAL).
-grpc::Status ToGrpcStatus(const Status& status);
+// Validates `spec` against the model and the limits and prepares its prompt (decodes the image,
+// applies the chat template, tokenizes). The returned Request has no sink, deadline or protocol
+// set.
+StatusOr<std::unique_ptr<Request>> BuildRequest(const ModelBundle& bundle, const RequestSpec& spec,
+                                                const ServiceLimits& limits);
 
 }  // namespace vtw

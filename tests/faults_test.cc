@@ -152,8 +152,8 @@ TEST(Faults, ClientProcessKilledMidStreamFreesItsKvCacheAndOthersFinish) {
     EXPECT_EQ(it->second[0].status, "CANCELLED") << id;
     EXPECT_LT(it->second[0].completion_tokens, 160) << id;
   }
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"CANCELLED\"}"), kVictims);
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"OK\"}"),
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"CANCELLED\",protocol=\"grpc\"}"), kVictims);
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"OK\",protocol=\"grpc\"}"),
             static_cast<double>(records.size()));
   EXPECT_EQ(testing::HealthStatus(server->grpc_addr(), 5.0), "SERVING");
   std::printf("FAULT client-killed victims=%d background_ok=%zu kv_after=%.0f\n", kVictims,
@@ -289,7 +289,7 @@ TEST(Faults, BadModelDirectoryExitsNonZeroAndNeverServes) {
       const pid_t pid = Spawn({testing::ServerBinary(), "--model", model.string(), "--listen",
                                addr, "--metrics-listen",
                                "127.0.0.1:" + std::to_string(testing::PickFreePort()),
-                               "--threads", "1"},
+                               "--http-listen", "127.0.0.1:0", "--threads", "1"},
                               log_fd, log_fd);
       close(log_fd);
       ASSERT_GT(pid, 0);
@@ -383,9 +383,9 @@ TEST(Faults, EngineFailureFailsRequestsAndTurnsHealthNotServing) {
     EXPECT_NE(r.message.find("engine failed"), std::string::npos) << r.message;
   }
   const std::string metrics = ScrapeWhenIdle(MetricsPort(*server));
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"INTERNAL\"}"),
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"INTERNAL\",protocol=\"grpc\"}"),
             Count(counts, "INTERNAL"));
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"UNAVAILABLE\"}"),
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"UNAVAILABLE\",protocol=\"grpc\"}"),
             Count(counts, "UNAVAILABLE") + 2);
   EXPECT_EQ(testing::MetricValue(metrics, "vtw_kv_cache_bytes"), 0);
   EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_running"), 0);

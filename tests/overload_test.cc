@@ -54,7 +54,7 @@ std::map<std::string, int> ServerCounts(const std::string& metrics,
                                         const std::set<std::string>& codes) {
   std::map<std::string, int> out;
   for (const std::string& code : codes) {
-    const double v = testing::MetricValue(metrics, "vtw_requests_total{code=\"" + code + "\"}");
+    const double v = testing::MetricValue(metrics, "vtw_requests_total{code=\"" + code + "\",protocol=\"grpc\"}");
     if (v > 0) out[code] = static_cast<int>(v);
   }
   return out;

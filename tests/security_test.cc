@@ -355,7 +355,8 @@ class SecurityStartup : public SecurityLib {
   void ExpectStartupError(const std::vector<std::string>& flags,
                           const std::vector<std::string>& words) {
     std::vector<std::string> argv = {testing::ServerBinary(), "--listen", "127.0.0.1:0",
-                                     "--metrics-listen", "127.0.0.1:0"};
+                                     "--metrics-listen", "127.0.0.1:0", "--http-listen",
+                                     "127.0.0.1:0"};
     argv.insert(argv.end(), flags.begin(), flags.end());
     const ProcessResult r = RunProcess(argv);
     EXPECT_EQ(r.exit_code, 2) << r.err;
@@ -384,7 +385,8 @@ TEST_F(SecurityStartup, BadFilesStopTheServerWithExitTwoNamingTheFile) {
   const ProcessResult env =
       RunProcess({"/usr/bin/env", "VTW_TLS_CERT=" + Path("env_missing.pem"),
                   "VTW_TLS_KEY=" + Path("server.key"), testing::ServerBinary(), "--listen",
-                  "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"});
+                  "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--http-listen",
+                  "127.0.0.1:0"});
   EXPECT_EQ(env.exit_code, 2) << env.err;
   EXPECT_TRUE(Contains(env.err, Path("env_missing.pem"))) << env.err;
 }
@@ -533,9 +535,9 @@ TEST_F(TlsTest, BearerTokenGuardsTheInferenceServiceButNotHealthOrReflection) {
 
   // Failed generation calls count under code="UNAUTHENTICATED" (6 unary + 6 streaming).
   const std::string metrics = testing::ScrapeMetrics(PortOf(server->metrics_addr()));
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"UNAUTHENTICATED\"}"), 12)
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"UNAUTHENTICATED\",protocol=\"grpc\"}"), 12)
       << metrics;
-  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"OK\"}"), 2);
+  EXPECT_EQ(testing::MetricValue(metrics, "vtw_requests_total{code=\"OK\",protocol=\"grpc\"}"), 2);
   // The token never reaches the log.
   EXPECT_FALSE(Contains(server->LogTail(500), kToken));
 

@@ -116,7 +116,8 @@ TEST(ServerOps, DrainTimeoutEndsInFlightRequestsWithUnavailable) {
 TEST(ServerOps, MissingOrCorruptModelFailsFastWithAClearMessage) {
   const std::string bin = testing::ServerBinary();
   auto missing = testing::RunProcess({bin, "--model", "/nonexistent/model", "--listen",
-                                      "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"});
+                                      "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                                      "--http-listen", "127.0.0.1:0"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.err.find("does not exist"), std::string::npos) << missing.err;
 
@@ -124,7 +125,8 @@ TEST(ServerOps, MissingOrCorruptModelFailsFastWithAClearMessage) {
   testing::CopyOracleModel(dir);
   fs::resize_file(dir / "model.safetensors", 1000);
   auto corrupt = testing::RunProcess({bin, "--model", dir.string(), "--listen", "127.0.0.1:0",
-                                      "--metrics-listen", "127.0.0.1:0"});
+                                      "--metrics-listen", "127.0.0.1:0", "--http-listen",
+                                      "127.0.0.1:0"});
   EXPECT_EQ(corrupt.exit_code, 1);
   EXPECT_NE(corrupt.err.find("model.safetensors"), std::string::npos) << corrupt.err;
   EXPECT_EQ(corrupt.err.find("serving"), std::string::npos) << "never reports serving";

@@ -197,8 +197,8 @@ TEST(Server, CancellationAndDeadlinesFreeTheKvCache) {
   EXPECT_EQ(server.engine().kv_bytes_used(), 0);
   const std::string text = testing::ScrapeMetrics(server.metrics_port());
   EXPECT_EQ(testing::MetricValue(text, "vtw_kv_cache_bytes"), 0);
-  EXPECT_GE(testing::MetricValue(text, "vtw_requests_total{code=\"CANCELLED\"}") +
-                testing::MetricValue(text, "vtw_requests_total{code=\"DEADLINE_EXCEEDED\"}"),
+  EXPECT_GE(testing::MetricValue(text, "vtw_requests_total{code=\"CANCELLED\",protocol=\"grpc\"}") +
+                testing::MetricValue(text, "vtw_requests_total{code=\"DEADLINE_EXCEEDED\",protocol=\"grpc\"}"),
             2);
 }
 
@@ -318,7 +318,7 @@ TEST(Server, MetricsMoveAndFlopsSavedAddUp) {
   done += again.vtw().flops();
   const std::string text = testing::ScrapeMetrics(server.metrics_port());
   auto value = [&](const std::string& s) { return testing::MetricValue(text, s); };
-  EXPECT_EQ(value("vtw_requests_total{code=\"OK\"}"), 5);
+  EXPECT_EQ(value("vtw_requests_total{code=\"OK\",protocol=\"grpc\"}"), 5);
   const double metric_saved = value("vtw_flops_saved_total{phase=\"prefill\"}") +
                               value("vtw_flops_saved_total{phase=\"decode\"}") +
                               value("vtw_flops_saved_total{phase=\"vision\"}");
@@ -408,7 +408,7 @@ TEST(Server, BadInputGetsClearStatusAndTheServerKeepsServing) {
     ASSERT_TRUE(Call(*stub, MakeRequest(1, 2, v1::VTW_MODE_OFF), &good).ok());
   }
   const std::string text = testing::ScrapeMetrics(server.metrics_port());
-  EXPECT_EQ(testing::MetricValue(text, "vtw_requests_total{code=\"INVALID_ARGUMENT\"}"),
+  EXPECT_EQ(testing::MetricValue(text, "vtw_requests_total{code=\"INVALID_ARGUMENT\",protocol=\"grpc\"}"),
             static_cast<double>(cases.size() - 1));
 }
 

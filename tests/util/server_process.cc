@@ -37,7 +37,7 @@ bool HasFlag(const std::vector<std::string>& flags, const std::string& name) {
 }
 
 // The server's command line: the defaults the harness needs, then `extra_flags`.
-std::vector<std::string> ServerArgv(int grpc_port, int metrics_port,
+std::vector<std::string> ServerArgv(int grpc_port, int metrics_port, int http_port,
                                     const std::vector<std::string>& extra_flags) {
   std::vector<std::string> argv = {ServerBinary()};
   auto add_default = [&](const std::string& flag, const std::string& value) {
@@ -48,6 +48,7 @@ std::vector<std::string> ServerArgv(int grpc_port, int metrics_port,
   add_default("--model", TestModelDir());
   add_default("--listen", "127.0.0.1:" + std::to_string(grpc_port));
   add_default("--metrics-listen", "127.0.0.1:" + std::to_string(metrics_port));
+  add_default("--http-listen", "127.0.0.1:" + std::to_string(http_port));
   add_default("--threads", "1");
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
   return argv;
@@ -141,7 +142,10 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(
     do {
       p->metrics_port_ = PickFreePort();
     } while (p->metrics_port_ == p->grpc_port_);
-    if (p->grpc_port_ == 0 || p->metrics_port_ == 0) {
+    do {
+      p->http_port_ = PickFreePort();
+    } while (p->http_port_ == p->grpc_port_ || p->http_port_ == p->metrics_port_);
+    if (p->grpc_port_ == 0 || p->metrics_port_ == 0 || p->http_port_ == 0) {
       ADD_FAILURE() << "cannot find a free TCP port on 127.0.0.1";
       return nullptr;
     }
@@ -149,7 +153,7 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(
                     ("vtw_server_" + std::to_string(getpid()) + "_" +
                      std::to_string(counter++) + ".log"))
                        .string();
-    const std::vector<std::string> argv = ServerArgv(p->grpc_port_, p->metrics_port_, extra_flags);
+    const std::vector<std::string> argv = ServerArgv(p->grpc_port_, p->metrics_port_, p->http_port_, extra_flags);
 
     // Everything the child needs is prepared before fork: after it, only async-signal-safe calls.
     const int log_fd = open(p->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -195,7 +199,8 @@ std::unique_ptr<ServerProcess> ServerProcess::Start(
       const std::string log = LowerCase(tail);
       const bool port_taken = log.find("address already in use") != std::string::npos ||
                               log.find("cannot listen") != std::string::npos ||
-                              log.find("cannot serve metrics") != std::string::npos;
+                              log.find("cannot serve metrics") != std::string::npos ||
+                              log.find("cannot serve http") != std::string::npos;
       if (port_taken && attempt < kAttempts) continue;
       ADD_FAILURE() << "vtw-server exited with status " << p->exit_status_
                     << " before it was SERVING.\ncommand: " << JoinArgv(argv) << "\nlog "

@@ -4,7 +4,8 @@
 //
 // What it assumes about the server (change it here when the server changes):
 //   - the binary is VTW_BINARY_DIR "/vtw-server";
-//   - it takes `--model DIR --listen HOST:PORT --metrics-listen HOST:PORT --threads N`; the
+//   - it takes `--model DIR --listen HOST:PORT --metrics-listen HOST:PORT --http-listen
+//     HOST:PORT --threads N`; the
 //     defaults below are added unless `extra_flags` already names the flag;
 //   - it serves grpc.health.v1.Health and answers Check("") with SERVING once the model is loaded.
 #pragma once
@@ -37,6 +38,7 @@ class ServerProcess {
 
   std::string grpc_addr() const;     // "127.0.0.1:PORT"
   std::string metrics_addr() const;  // "127.0.0.1:PORT"; /metrics is served there
+  int http_port() const { return http_port_; }  // the OpenAI-compatible HTTP front (127.0.0.1)
   int pid() const { return pid_; }
   const std::string& log_path() const { return log_path_; }
   // The last `lines` lines of the server's stdout + stderr.
@@ -58,6 +60,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   int grpc_port_ = 0;
   int metrics_port_ = 0;
+  int http_port_ = 0;
   std::string log_path_;
   bool exited_ = false;
   int exit_status_ = -1;

@@ -23,7 +23,8 @@ TestServer::TestServer(std::unique_ptr<ModelBundle> bundle, EngineOptions engine
     : bundle_(std::move(bundle)), metrics_http_(metrics_.registry()) {
   spdlog::set_level(spdlog::level::warn);  // no access log lines in test output
   if (!metrics_http_.Start("127.0.0.1:0").ok()) throw std::runtime_error("metrics port");
-  service_ = std::make_unique<InferenceServiceImpl>(limits, &metrics_);
+  intake_ = std::make_unique<RequestIntake>(limits, &metrics_);
+  service_ = std::make_unique<InferenceServiceImpl>(*intake_);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -35,7 +36,7 @@ TestServer::TestServer(std::unique_ptr<ModelBundle> bundle, EngineOptions engine
   if (!server_ || port == 0) throw std::runtime_error("cannot start the test gRPC server");
   server_->GetHealthCheckService()->SetServingStatus(false);
   engine_ = std::make_unique<Engine>(*bundle_, engine, &metrics_);
-  service_->SetEngine(bundle_.get(), engine_.get());
+  intake_->SetEngine(bundle_.get(), engine_.get());
   server_->GetHealthCheckService()->SetServingStatus(true);
   channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
                                  grpc::InsecureChannelCredentials());
@@ -43,7 +44,7 @@ TestServer::TestServer(std::unique_ptr<ModelBundle> bundle, EngineOptions engine
 
 TestServer::~TestServer() {
   engine_->Stop(Status(StatusCode::kUnavailable, "test server stopping"));
-  service_->ClearEngine();
+  intake_->ClearEngine();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   engine_.reset();
 }

@@ -10,6 +10,7 @@
 #include "server/engine.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
+#include "server/intake.h"
 #include "server/service.h"
 #include "tests/util/test_bundles.h"
 #include "vtw/v1/inference.grpc.pb.h"
@@ -36,6 +37,7 @@ class TestServer {
   std::unique_ptr<ModelBundle> bundle_;
   ServerMetrics metrics_;
   MetricsHttpServer metrics_http_;
+  std::unique_ptr<RequestIntake> intake_;
   std::unique_ptr<InferenceServiceImpl> service_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<grpc::Server> server_;
