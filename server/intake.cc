@@ -25,6 +25,10 @@ const ModelBundle* RequestIntake::bundle() const {
   return bundle_;
 }
 
+Status RequestIntake::NotLoaded() {
+  return Status(StatusCode::kUnavailable, "the model is not loaded (starting or stopping)");
+}
+
 Status RequestIntake::Authenticate(std::string_view authorization, std::string_view peer,
                                    const char* protocol, bool count, const char* message) const {
   if (!auth_ || auth_->CheckHeader(authorization)) return Status::Ok();
@@ -47,7 +51,7 @@ Status RequestIntake::Accept(const RequestSpec& spec, const char* protocol,
   }
   Status status;
   if (!bundle || !engine) {
-    status = Status(StatusCode::kUnavailable, "the model is not loaded (starting or stopping)");
+    status = NotLoaded();
   } else {
     StatusOr<std::unique_ptr<Request>> built = BuildRequest(*bundle, spec, limits_);
     if (!built.ok()) {

@@ -53,6 +53,8 @@ class RequestIntake {
 
   // The served model while it is loaded, else null.
   const ModelBundle* bundle() const;
+  // What a request gets while bundle() is null.
+  static Status NotLoaded();
   const ServiceLimits& limits() const { return limits_; }
   ServerMetrics* metrics() const { return metrics_; }
 

@@ -87,7 +87,7 @@ StatusOr<std::string> ImageFromUrl(const json& part, size_t message) {
   const size_t comma = u.find(',');
   const std::string header = u.substr(5, comma == std::string::npos ? 0 : comma - 5);
   if (comma == std::string::npos || header.size() < 7 || header.rfind("image/", 0) != 0 ||
-      header.size() < 7 || header.compare(header.size() - 7, 7, ";base64") != 0) {
+      header.compare(header.size() - 7, 7, ";base64") != 0) {
     return Bad(where + ": expected \"data:image/<type>;base64,<data>\"");
   }
   std::optional<std::string> bytes = DecodeBase64(std::string_view(u).substr(comma + 1));

@@ -230,9 +230,7 @@ void OpenAiHttpServer::Stop() {
 
 StatusOr<std::string> OpenAiHttpServer::ServedModel() const {
   const ModelBundle* bundle = intake_.bundle();
-  if (!bundle) {
-    return Status(StatusCode::kUnavailable, "the model is not loaded (starting or stopping)");
-  }
+  if (!bundle) return RequestIntake::NotLoaded();
   return bundle->model->config().name;
 }
 
