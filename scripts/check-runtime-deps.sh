@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Checks that the Dockerfile's runtime stage installs every shared library the binaries need.
+# Checks that the Dockerfile's runtime-packages stage installs every shared library the binaries
+# need (the runtime stage then takes the loaded ones from it: scripts/collect-runtime-libs.sh).
 #
 # Usage: scripts/check-runtime-deps.sh [--dockerfile FILE] [--stage NAME] [BINARY_DIR]
 #   BINARY_DIR   where vtw-server and vtw were built (default: build/)
 #   --dockerfile the Dockerfile to check (default: the repository's; env VTW_DOCKERFILE)
-#   --stage      the runtime stage's name (default: runtime; the last stage if none has it)
+#   --stage      the stage with the runtime apt-get install (default: runtime-packages; the last
+#                stage if none has that name)
 #
 # For every library that `ldd` lists for the binaries (the whole transitive set), the Debian
 # package that owns it (as `dpkg -S` would say, following symlinks and the merged-/usr /lib ->
@@ -21,7 +23,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DOCKERFILE=${VTW_DOCKERFILE:-$ROOT/Dockerfile}
-STAGE=runtime
+STAGE=runtime-packages
 BIN_DIR=$ROOT/build
 BINARIES=(vtw-server vtw)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke-tests the vtw-serve image: starts vtw-server from it, checks that it runs as the
-# non-root user with the shipped model, calls it with the client (health, one Generate), checks
-# the answer and /metrics, then stops it with SIGTERM (graceful drain).
+# non-root user with the shipped model and that every shared library resolves (ldd), calls it
+# with the client (health, one Generate) and over HTTP, checks the answers and /metrics, then
+# stops it with SIGTERM (graceful drain).
 #
 # The server runs with `buildah from IMAGE` + `buildah run --isolation=chroot` (plain
 # `podman run` fails on cgroups / rlimits on hosts like this one); chroot isolation shares the
@@ -94,7 +95,12 @@ model=$("${RUN[@]}" sh -c 'echo "$VTW_MODEL"; test -f "$VTW_MODEL/config.json" &
   fail "VTW_MODEL ($(printf '%s\n' "$model" | head -1)) has no config.json in the image"
 blas=$("${RUN[@]}" readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 || true)
 case "$blas" in *openblas*) ;; *) fail "libblas.so.3 in the image is $blas, not OpenBLAS" ;; esac
+# The runtime stage holds only the libraries collected from ldd: every one must resolve.
+missing=$("${RUN[@]}" sh -c 'ldd /usr/local/bin/vtw-server /usr/local/bin/vtw | grep "not found" || true')
+[ -z "$missing" ] || fail "libraries missing from the image: $missing"
+nlibs=$("${RUN[@]}" sh -c 'ldd /usr/local/bin/vtw-server | wc -l')
 log "runs as uid $uid, VTW_MODEL=$(printf '%s\n' "$model" | head -1), libblas.so.3 -> $blas"
+log "ldd: all $nlibs libraries of vtw-server resolve in the image"
 
 # The client: build/vtw on the host, or the image's vtw in a second buildah run.
 if [ -x "$CLIENT" ]; then

@@ -1,4 +1,4 @@
-// The Dockerfile's runtime stage must install every shared library the built binaries load:
+// The Dockerfile's runtime-packages stage must install every shared library the built binaries load:
 // runs scripts/check-runtime-deps.sh on VTW_BINARY_DIR's vtw-server and vtw (ldd + dpkg -S
 // against the runtime stage's apt-get list and its dependency closure). A second check proves
 // the script fails when a needed package is taken out of the list.
