@@ -1,8 +1,10 @@
 // Overload: the real vtw-server binary with a small queue, driven open-loop at twice its measured
-// capacity for VTW_OVERLOAD_SECONDS (default 60) by unary and streaming clients, some of which
-// cancel mid-stream and some of which have short deadlines. It must shed load with
-// RESOURCE_EXHAUSTED and keep serving, give every request exactly one terminal status, keep its
-// memory bounded, and its Prometheus counters and access log must agree with what the clients saw.
+// capacity for VTW_OVERLOAD_SECONDS (default 60) by unary and streaming gRPC clients, some of
+// which cancel mid-stream and some of which have short deadlines, and at the same time by
+// OpenAI-compatible HTTP clients (another quarter of the capacity, some with a short
+// "vtw_timeout"). It must shed load with RESOURCE_EXHAUSTED (HTTP 429) on both fronts and keep
+// serving, give every request exactly one terminal status, keep its memory bounded, and its
+// Prometheus counters (per protocol) and access log must agree with what the clients saw.
 // Timing is measured and printed (the OVERLOAD line, for docs/RELIABILITY.md), never asserted.
 #include <signal.h>
 
@@ -16,6 +18,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "tests/util/http_load.h"
 #include "tests/util/load_generator.h"
 #include "tests/util/server_process.h"
 #include "tests/util/test_server.h"
@@ -49,12 +52,13 @@ int Count(const std::map<std::string, int>& counts, const std::string& code) {
   return it == counts.end() ? 0 : it->second;
 }
 
-// Every code either side reported, with the server's counter for it.
-std::map<std::string, int> ServerCounts(const std::string& metrics,
-                                        const std::set<std::string>& codes) {
+// Every code either side reported, with the server's counter for it on `protocol`.
+std::map<std::string, int> ServerCounts(const std::string& metrics, const std::set<std::string>& codes,
+                                        const std::string& protocol) {
   std::map<std::string, int> out;
   for (const std::string& code : codes) {
-    const double v = testing::MetricValue(metrics, "vtw_requests_total{code=\"" + code + "\",protocol=\"grpc\"}");
+    const double v = testing::MetricValue(
+        metrics, "vtw_requests_total{code=\"" + code + "\",protocol=\"" + protocol + "\"}");
     if (v > 0) out[code] = static_cast<int>(v);
   }
   return out;
@@ -113,7 +117,14 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
       }
     }
   });
+  // HTTP clients beside it: four connections, a quarter of the capacity together, every 5th
+  // request with the gRPC short deadline as its "vtw_timeout".
+  testing::HttpLoadOptions http_options;
+  http_options.short_timeout = options.short_deadline;
+  testing::HttpLoad http_load("127.0.0.1", server->http_port(), http_options);
+  std::thread http_thread([&] { http_load.Run(4, capacity / 4, seconds); });
   const int started = load.RunOpenLoop(offered, seconds);
+  http_thread.join();
   load_done = true;
   sampler.join();
   const bool all_done = load.WaitAll(120);
@@ -170,6 +181,23 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
   EXPECT_GT(Count(client_overload, "CANCELLED"), 0);
   EXPECT_GT(Count(client_overload, "DEADLINE_EXCEEDED"), 0) << "no short deadline expired";
 
+  // HTTP: a response for every call (an OpenAI error object for every non-200), only the
+  // statuses overload may produce, every 200 complete, and some shed with 429.
+  const std::vector<testing::HttpCallRecord> http = http_load.Records();
+  for (const auto& r : http) {
+    EXPECT_NE(r.http_status, 0) << r.id << ": no HTTP response: " << r.error;
+    static const std::set<int> kAllowedHttp = {200, 429, 504};
+    EXPECT_TRUE(kAllowedHttp.count(r.http_status)) << r.id << ": HTTP " << r.http_status << " " << r.error;
+    if (r.http_status == 200) {
+      EXPECT_TRUE(r.complete) << r.id << ": 200 without the whole answer";
+    } else {
+      EXPECT_FALSE(r.error.empty()) << r.id << ": HTTP " << r.http_status << " without an error message";
+    }
+  }
+  const std::map<std::string, int> http_client = testing::HttpLoad::CountByCode(http);
+  EXPECT_GT(Count(http_client, "OK"), 0) << "no HTTP request was served under load";
+  EXPECT_GT(Count(http_client, "RESOURCE_EXHAUSTED"), 0) << "no HTTP request was shed with 429";
+
   // Reconciliation, request by request: the server's access log has exactly one line per id with
   // the status the client saw. The only allowed differences are races where the client gave up
   // first: its deadline or cancel fired while the server's status was on its way (client
@@ -177,9 +205,10 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
   // RST_STREAM reached the server before the server's own copy of the deadline had passed
   // (client DEADLINE_EXCEEDED, server CANCELLED), or it gave up before the server read it.
   const auto access = testing::ReadAccessLog(server->log_path());
-  std::map<std::string, int> access_counts;
+  std::map<std::string, int> access_counts, http_access_counts;  // gRPC, HTTP
   for (const auto& [id, lines] : access) {
-    for (const auto& line : lines) ++access_counts[line.status];
+    const bool is_http = id.rfind(http_options.id_prefix + "-", 0) == 0;
+    for (const auto& line : lines) ++(is_http ? http_access_counts : access_counts)[line.status];
   }
   int unseen = 0, gave_up_first = 0;
   std::map<std::string, int> races;  // "client->server" -> count
@@ -205,6 +234,18 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
     ++gave_up_first;
     ++races[code + "->" + server_code];
   }
+  // HTTP clients never give up first (their read timeout is long; the server's deadline ends
+  // a call), so the access log has exactly the status each of them saw.
+  for (const auto& r : http) {
+    ids.insert(r.id);
+    auto it = access.find(r.id);
+    if (it == access.end()) {
+      ADD_FAILURE() << r.id << " (HTTP " << r.http_status << ") is missing from the server's access log";
+      continue;
+    }
+    ASSERT_EQ(it->second.size(), 1u) << r.id << " has " << it->second.size() << " access log lines";
+    EXPECT_EQ(it->second[0].status, r.code) << r.id << ": HTTP client saw " << r.http_status;
+  }
   for (const auto& [id, lines] : access) {
     EXPECT_TRUE(ids.count(id)) << "the server logged a request no client sent: " << id;
   }
@@ -213,8 +254,14 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
   std::set<std::string> codes;
   for (const auto& [code, n] : client) codes.insert(code);
   for (const auto& [code, n] : access_counts) codes.insert(code);
-  const std::map<std::string, int> server_counts = ServerCounts(metrics, codes);
-  EXPECT_EQ(server_counts, access_counts) << "metrics and access log disagree";
+  const std::map<std::string, int> server_counts = ServerCounts(metrics, codes, "grpc");
+  EXPECT_EQ(server_counts, access_counts) << "gRPC: metrics and access log disagree";
+  std::set<std::string> http_codes;
+  for (const auto& [code, n] : http_client) http_codes.insert(code);
+  for (const auto& [code, n] : http_access_counts) http_codes.insert(code);
+  const std::map<std::string, int> http_server_counts = ServerCounts(metrics, http_codes, "http");
+  EXPECT_EQ(http_server_counts, http_access_counts) << "HTTP: metrics and access log disagree";
+  EXPECT_EQ(http_server_counts, http_client) << "HTTP: metrics and clients disagree";
   std::map<std::string, int> client_adjusted = client;
   for (const auto& [race, n] : races) {
     const std::string from = race.substr(0, race.find("->")), to = race.substr(race.find("->") + 2);
@@ -253,13 +300,14 @@ TEST(Overload, TwiceCapacityShedsLoadStaysBoundedAndReconciles) {
   std::printf(
       "OVERLOAD seconds=%.0f max_running=%d max_queue=%d capacity=%.2f/s offered=%.2f/s "
       "started=%d ok_rate=%.2f/s short_deadline=%lldms overload_client{%s} all_client{%s} "
-      "all_server{%s} "
+      "all_server{%s} http_client{%s} http_server{%s} "
       "client_gave_up_first=%d unseen_by_server=%d races{%s} ok_latency_p50=%.3fs "
       "ok_latency_p95=%.3fs rss_start=%.1fMB rss_first_half_max=%.1fMB "
       "rss_second_half_max=%.1fMB\n",
       seconds, kMaxRunning, kMaxQueue, capacity, offered, started, ok_rate,
       static_cast<long long>(options.short_deadline.count()), Join(client_overload).c_str(),
-      Join(client).c_str(), Join(server_counts).c_str(), gave_up_first, unseen, Join(races).c_str(),
+      Join(client).c_str(), Join(server_counts).c_str(), Join(http_client).c_str(),
+      Join(http_server_counts).c_str(), gave_up_first, unseen, Join(races).c_str(),
       testing::Quantile(ok_latency, 0.5), testing::Quantile(ok_latency, 0.95), rss_start / 1e6,
       first_max / 1e6, second_max / 1e6);
   std::fflush(stdout);

@@ -5,7 +5,8 @@
 // on the server.
 //   SecurityLib:       server/security.h in-process (token files, header check, credentials).
 //   SecurityStartup:   bad TLS/token flags stop vtw-server with exit 2 before the model loads.
-//   TlsTest:           TLS, mTLS, token (each on its own server process).
+//   TlsTest:           TLS, mTLS, token (each on its own server process), gRPC and the HTTPS
+//                      front (curl).
 //   RequestFieldsTest: request bytes are data, never paths.
 #include "server/security.h"
 
@@ -453,6 +454,77 @@ TEST_F(TlsTest, TlsClientWithTheRightCaGetsTheAnswerOthersDoNot) {
   EXPECT_TRUE(Contains(r.err, "--tls-ca")) << r.err;
 }
 
+// curl against the HTTP front at `url` (https://...); `args` before the URL.
+ProcessResult Curl(const std::vector<std::string>& args, const std::string& url) {
+  std::vector<std::string> argv = {"/usr/bin/curl", "-sS", "--max-time", "60"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  argv.push_back(url);
+  return RunProcess(argv);
+}
+
+// An oracle case as an OpenAI chat completion body (ignore_eos, 8 tokens, VTW off) in `path`.
+void WriteChatBody(const fs::path& path, int i) {
+  const auto& c = OracleCases()[i];
+  const std::string png = ReadFile(testing::OracleDir() + "/" + c["image"].get<std::string>());
+  static const char* kB64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string b64;
+  for (size_t k = 0; k < png.size(); k += 3) {
+    uint32_t v = static_cast<uint8_t>(png[k]) << 16;
+    if (k + 1 < png.size()) v |= static_cast<uint8_t>(png[k + 1]) << 8;
+    if (k + 2 < png.size()) v |= static_cast<uint8_t>(png[k + 2]);
+    b64 += kB64[(v >> 18) & 63];
+    b64 += kB64[(v >> 12) & 63];
+    b64 += k + 1 < png.size() ? kB64[(v >> 6) & 63] : '=';
+    b64 += k + 2 < png.size() ? kB64[v & 63] : '=';
+  }
+  const nlohmann::json part_image = {{"type", "image_url"},
+                                     {"image_url", {{"url", "data:image/png;base64," + b64}}}};
+  const nlohmann::json part_text = {{"type", "text"}, {"text", c["question"].get<std::string>()}};
+  const nlohmann::json body = {
+      {"messages", {{{"role", "user"}, {"content", {part_image, part_text}}}}},
+      {"max_tokens", 8},
+      {"ignore_eos", true},
+      {"vtw_layer", "off"}};
+  WriteFile(path, body.dump());
+}
+
+TEST_F(TlsTest, HttpsFrontUsesTheSameCertificate) {
+  ASSERT_FALSE(HasFatalFailure());
+  auto server = ServerProcess::Start(TlsFlags(), ClientCredentials(dir_, "ca"));
+  ASSERT_NE(server, nullptr);
+  const std::string port = std::to_string(server->http_port());
+  const std::string base = "https://127.0.0.1:" + port;
+  WriteChatBody(dir_ / "chat.json", 0);
+
+  ProcessResult r = Curl({"--cacert", Path("ca.pem")}, base + "/v1/models");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(Contains(r.out, "\"object\":\"list\"")) << r.out;
+  r = Curl({"--cacert", Path("ca.pem"), "-H", "Content-Type: application/json", "-d",
+            "@" + Path("chat.json")},
+           base + "/v1/chat/completions");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(Contains(r.out, "\"object\":\"chat.completion\"")) << r.out;
+  EXPECT_TRUE(Contains(r.out, "\"completion_tokens\":8")) << r.out;
+  // By name (the certificate's SAN has localhost), and /health.
+  r = Curl({"--cacert", Path("ca.pem")}, "https://localhost:" + port + "/health");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+
+  // No trust in the CA, another CA, plaintext to the TLS port: no answer.
+  r = Curl({}, base + "/v1/models");
+  EXPECT_EQ(r.exit_code, 60) << "curl should fail verifying the certificate: " << r.err;
+  r = Curl({"--cacert", Path("other_ca.pem")}, base + "/v1/models");
+  EXPECT_EQ(r.exit_code, 60) << r.err;
+  r = Curl({}, "http://127.0.0.1:" + port + "/v1/models");
+  EXPECT_NE(r.exit_code, 0) << "plaintext HTTP to the HTTPS port answered: " << r.out;
+  EXPECT_FALSE(Contains(r.out, "\"object\":\"list\"")) << r.out;
+
+  // The server kept serving (gRPC over TLS too).
+  v1::GenerateResponse resp;
+  grpc::Status st = Generate(Channel(server->grpc_addr(), ClientCredentials(dir_, "ca")), OracleRequest(0), &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ExpectOracleAnswer(resp, 0);
+}
+
 TEST_F(TlsTest, MutualTlsNeedsAClientCertificateSignedByTheClientCa) {
   ASSERT_FALSE(HasFatalFailure());
   std::vector<std::string> flags = TlsFlags();
@@ -484,6 +556,17 @@ TEST_F(TlsTest, MutualTlsNeedsAClientCertificateSignedByTheClientCa) {
   EXPECT_TRUE(Contains(r.out, "decoder layers: 4")) << r.out;
   r = VtwClient({"--addr", addr, "--tls-ca", Path("ca.pem"), "--info", "--timeout", "3"});
   EXPECT_EQ(r.exit_code, 1) << r.out;
+
+  // The HTTPS front asks for the same client certificates.
+  const std::string models = "https://127.0.0.1:" + std::to_string(server->http_port()) + "/v1/models";
+  r = Curl({"--cacert", Path("ca.pem"), "--cert", Path("client.pem"), "--key", Path("client.key")}, models);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(Contains(r.out, "\"object\":\"list\"")) << r.out;
+  r = Curl({"--cacert", Path("ca.pem")}, models);
+  EXPECT_NE(r.exit_code, 0) << "HTTPS without a client certificate answered: " << r.out;
+  r = Curl({"--cacert", Path("ca.pem"), "--cert", Path("other_client.pem"), "--key", Path("other_client.key")},
+           models);
+  EXPECT_NE(r.exit_code, 0) << "HTTPS with another CA's client certificate answered: " << r.out;
 }
 
 TEST_F(TlsTest, BearerTokenGuardsTheInferenceServiceButNotHealthOrReflection) {
