@@ -18,10 +18,16 @@
 // vtw_requests_running / vtw_kv_cache_bytes / vtw_kv_cache_bytes_saved seen (sampled every
 // 100 ms). --overhead N: N sequential requests (batch 1, mode default), then the same N prompts
 // run in this process (GenerateOne, same K and threads): overhead = (client e2e - model) / model.
-// Writes PREFIX.json and PREFIX.csv.
+// --http HOST:PORT (with --overhead N): N rounds of the same request (mode default, batch 1) as
+// gRPC Generate, gRPC GenerateStream, HTTP POST /v1/chat/completions unary and with
+// "stream": true (SSE), interleaved round by round: client end-to-end medians per path and the
+// median per-round ratios HTTP / gRPC (the HTTP front's overhead next to the gRPC one).
+// --modes none skips the load phases. Writes PREFIX.json and PREFIX.csv.
 #include <netdb.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <httplib.h>
 
 #include <algorithm>
 #include <atomic>
@@ -137,7 +143,7 @@ struct Item {
 };
 
 struct Options {
-  std::string addr = "localhost:50061", metrics, data, model, out = "load", dtype = "fp32";
+  std::string addr = "localhost:50061", metrics, data, model, out = "load", dtype = "fp32", http;
   std::vector<int> clients = {1, 2, 4, 8};
   std::vector<std::string> modes = {"off", "default", "mix"};
   double seconds = 20;
@@ -191,6 +197,7 @@ class Bench {
            "mean_k,gflops_per_request,flops_saved_fraction,max_running,max_kv_cache_bytes,"
            "max_kv_cache_bytes_saved\n";
     for (const std::string& mode : o_.modes) {
+      if (mode == "none") continue;
       for (int n : o_.clients) {
         json p = Phase(mode, n);
         phases.push_back(p);
@@ -216,6 +223,7 @@ class Bench {
     }
     out["phases"] = phases;
     if (o_.overhead > 0) out["overhead"] = Overhead();
+    if (o_.overhead > 0 && !o_.http.empty()) out["http_vs_grpc"] = HttpVsGrpc();
     out["kv_budget"] = KvBudget();
     std::ofstream(o_.out + ".json") << out.dump(2) << "\n";
     PrintSummary(out);
@@ -560,6 +568,112 @@ class Bench {
     return out;
   }
 
+  // Client end-to-end seconds of one unary gRPC Generate (mode default); < 0 on error.
+  double GrpcUnary(int item) {
+    v1::GenerateRequest req = MakeRequest("default", item, o_.max_new_tokens);
+    v1::GenerateResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+    const double t0 = Now();
+    const grpc::Status s = stubs_[0]->Generate(&ctx, req, &resp);
+    const double t = Now() - t0;
+    return s.ok() && resp.token_ids_size() == o_.max_new_tokens ? t : -1;
+  }
+
+  // The same request as an OpenAI chat completion body (the model's default K: "auto").
+  std::string ChatBody(int item, bool stream) const {
+    const Item& it = items_[static_cast<size_t>(item) % items_.size()];
+    const bool jpeg = it.image.size() > 2 && static_cast<uint8_t>(it.image[0]) == 0xFF &&
+                      static_cast<uint8_t>(it.image[1]) == 0xD8;
+    static const char* kB64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string b64;
+    const std::string& in = it.image;
+    for (size_t k = 0; k < in.size(); k += 3) {
+      uint32_t v = static_cast<uint8_t>(in[k]) << 16;
+      if (k + 1 < in.size()) v |= static_cast<uint8_t>(in[k + 1]) << 8;
+      if (k + 2 < in.size()) v |= static_cast<uint8_t>(in[k + 2]);
+      b64 += kB64[(v >> 18) & 63];
+      b64 += kB64[(v >> 12) & 63];
+      b64 += k + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
+      b64 += k + 2 < in.size() ? kB64[v & 63] : '=';
+    }
+    const json image = {{"type", "image_url"},
+                        {"image_url", {{"url", std::string("data:image/") + (jpeg ? "jpeg" : "png") +
+                                                   ";base64," + b64}}}};
+    const json text = {{"type", "text"}, {"text", it.question}};
+    json body = {{"messages", {{{"role", "user"}, {"content", {image, text}}}}},
+                 {"max_tokens", o_.max_new_tokens},
+                 {"ignore_eos", true},
+                 {"vtw_layer", "auto"}};
+    if (stream) body["stream"] = true;
+    return body.dump();
+  }
+
+  // Client end-to-end seconds of one HTTP chat completion on `client`; < 0 on error.
+  double HttpCall(httplib::Client& client, int item, bool stream) {
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/chat/completions";
+    req.body = ChatBody(item, stream);
+    req.set_header("Content-Type", "application/json");
+    std::string received;
+    bool done = false;
+    if (stream) {
+      req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+        received.append(data, n);
+        done = received.find("data: [DONE]") != std::string::npos;
+        return true;
+      };
+    }
+    const double t0 = Now();
+    httplib::Result res = client.send(req);
+    const double t = Now() - t0;
+    if (!res || res->status != 200) return -1;
+    if (stream) return done ? t : -1;
+    const json reply = json::parse(res->body, nullptr, false);
+    return reply.is_object() && reply["usage"].value("completion_tokens", -1) == o_.max_new_tokens
+               ? t
+               : -1;
+  }
+
+  json HttpVsGrpc() {
+    Progress("http vs grpc: " + std::to_string(o_.overhead) + " rounds of gRPC unary, gRPC stream, "
+             "HTTP unary, HTTP SSE at batch 1 (" + o_.http + ")");
+    const size_t colon = o_.http.rfind(':');
+    httplib::Client client(o_.http.substr(0, colon), std::atoi(o_.http.substr(colon + 1).c_str()));
+    client.set_keep_alive(true);
+    client.set_tcp_nodelay(true);  // as curl does (the default since curl 7.50)
+    client.set_read_timeout(std::chrono::seconds(600));
+    std::map<std::string, std::vector<double>> t;
+    std::vector<double> unary_ratio, stream_ratio;
+    int errors = 0;
+    for (int i = 0; i < o_.overhead; ++i) {
+      const int item = i * 3;
+      const double gu = GrpcUnary(item);
+      const Record gs = Call("default", item, o_.max_new_tokens, 0);
+      const double hu = HttpCall(client, item, false);
+      const double hs = HttpCall(client, item, true);
+      if (gu < 0 || !gs.ok || hu < 0 || hs < 0) {
+        ++errors;
+        continue;
+      }
+      t["grpc_unary"].push_back(gu);
+      t["grpc_stream"].push_back(gs.end - gs.start);
+      t["http_unary"].push_back(hu);
+      t["http_stream"].push_back(hs);
+      unary_ratio.push_back(hu / gu);
+      stream_ratio.push_back(hs / (gs.end - gs.start));
+    }
+    json out = {{"rounds", o_.overhead}, {"errors", errors}};
+    for (const auto& [name, v] : t) {
+      out[name + "_seconds"] = v;
+      out["median_" + name] = Quantile(v, 0.5);
+    }
+    out["median_ratio_http_unary_to_grpc_unary"] = Quantile(unary_ratio, 0.5);
+    out["median_ratio_http_stream_to_grpc_stream"] = Quantile(stream_ratio, 0.5);
+    return out;
+  }
+
   void PrintSummary(const json& out) {
     std::printf("\n== load_bench %s: %s, %d new tokens per request, %.0f s per phase ==\n",
                 o_.label.c_str(), out["model"]["name"].get<std::string>().c_str(),
@@ -593,6 +707,17 @@ class Bench {
                   100 * h["overhead_grpc_and_validation"].get<double>(),
                   100 * h["overhead_engine"].get<double>());
     }
+    if (out.contains("http_vs_grpc") && out["http_vs_grpc"].contains("median_grpc_unary")) {
+      const json& h = out["http_vs_grpc"];
+      std::printf("batch 1, client e2e medians over %d rounds (%d failed): gRPC unary %.2f ms, "
+                  "HTTP unary %.2f ms (ratio %.3f); gRPC stream %.2f ms, HTTP SSE %.2f ms "
+                  "(ratio %.3f)\n",
+                  h["rounds"].get<int>(), h["errors"].get<int>(),
+                  1e3 * h["median_grpc_unary"].get<double>(), 1e3 * h["median_http_unary"].get<double>(),
+                  h["median_ratio_http_unary_to_grpc_unary"].get<double>(),
+                  1e3 * h["median_grpc_stream"].get<double>(), 1e3 * h["median_http_stream"].get<double>(),
+                  h["median_ratio_http_stream_to_grpc_stream"].get<double>());
+    }
   }
 
   Options o_;
@@ -609,7 +734,7 @@ class Bench {
                "error: %s\nusage: load_bench --addr HOST:PORT --data SPLIT.jsonl [--metrics "
                "HOST:PORT] [--clients 1,2,4,8] [--seconds S] [--modes off,default,mix,K...] "
                "[--max-new-tokens N] [--model DIR] [--dtype fp32|bf16] [--threads N] "
-               "[--overhead N] [--kv-budget-bytes B] [--no-warm] [--label L] [--out PREFIX]\n",
+               "[--overhead N] [--http HOST:PORT] [--kv-budget-bytes B] [--no-warm] [--label L] [--out PREFIX]\n",
                why.c_str());
   std::exit(2);
 }
@@ -624,6 +749,7 @@ Options ParseArgs(int argc, char** argv) {
     };
     if (a == "--addr") o.addr = value();
     else if (a == "--metrics") o.metrics = value();
+    else if (a == "--http") o.http = value();
     else if (a == "--data") o.data = value();
     else if (a == "--model") o.model = value();
     else if (a == "--dtype") o.dtype = value();

@@ -7,10 +7,13 @@
 #   medium  a random-weight LLaVA-1.5-shaped model written by vtw_perf_bench --write-model
 #           (576 image tokens, 8-layer 1024-wide Llama, served in bf16)
 # plus "budget": the shipped model with a small KV-cache budget, to count how many requests the
-# engine admits at once with and without withdrawal.
+# engine admits at once with and without withdrawal, and "http": the shipped model at batch 1,
+# HTTP_ROUNDS rounds (default 100) of the same request as gRPC unary / stream and HTTP unary /
+# SSE, interleaved (the HTTP front's overhead next to gRPC's).
 #
 #   scripts/bench-load.sh                        # everything (about 12 minutes on 2 cores)
 #   MODELS="shapes" SECONDS_PER_LEVEL=5 scripts/bench-load.sh
+#   MODELS=http scripts/bench-load.sh            # HTTP vs gRPC at batch 1 only (~1 minute)
 # Env: BUILD (build-perf), OUT (docs/perf), WORK (/tmp/vtw-bench-load), MODELS (shapes budget
 # medium), CLIENTS (1,2,4,8), SECONDS_PER_LEVEL (20), MAX_NEW_TOKENS (16), THREADS (all cores).
 set -euo pipefail
@@ -18,13 +21,15 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-perf}
 OUT=${OUT:-docs/perf}
 WORK=${WORK:-/tmp/vtw-bench-load}
-MODELS=${MODELS:-shapes budget medium}
+MODELS=${MODELS:-shapes budget medium http}
 CLIENTS=${CLIENTS:-1,2,4,8}
 SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-20}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-16}
 THREADS=${THREADS:-$(nproc)}
 PORT=${PORT:-50061}
 MPORT=${MPORT:-9191}
+HPORT=${HPORT:-8181}
+HTTP_ROUNDS=${HTTP_ROUNDS:-100}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK" "$OUT"
 
@@ -49,7 +54,7 @@ start_server() {
   local label=$1 model=$2
   shift 2
   "$BUILD/vtw-server" --model "$model" --listen "127.0.0.1:$PORT" \
-    --metrics-listen "127.0.0.1:$MPORT" --threads "$THREADS" "$@" >"$WORK/server-$label.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$MPORT" --http-listen "127.0.0.1:$HPORT" --threads "$THREADS" "$@" >"$WORK/server-$label.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 240); do
     if "$BUILD/vtw" client --addr "127.0.0.1:$PORT" --health >/dev/null 2>&1; then return 0; fi
@@ -91,7 +96,12 @@ for m in $MODELS; do
       bench medium "$WORK/medium-random" bf16 --clients "$CLIENTS" --seconds "$SECONDS_PER_LEVEL" \
         --modes off,default,mix --overhead 10
       stop_server ;;
-    *) echo "unknown model $m (shapes, budget, medium)" >&2; exit 2 ;;
+    http)
+      start_server http models/vtw-shapes
+      bench http models/vtw-shapes fp32 --modes none --overhead "$HTTP_ROUNDS" \
+        --http "127.0.0.1:$HPORT"
+      stop_server ;;
+    *) echo "unknown model $m (shapes, budget, medium, http)" >&2; exit 2 ;;
   esac
 done
 python3 scripts/plot_perf.py "$OUT"
