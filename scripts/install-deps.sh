@@ -10,7 +10,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libopencv-dev libspdlog-dev prometheus-cpp-dev sentencepiece libcpp-httplib-dev curl
   nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev
-  prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml
+  prometheus python3 python3-grpcio python3-protobuf python3-numpy python3-yaml python3-cairo
   yamllint openssl
 )
 # kubectl (for `kubectl kustomize` in the deployment checks): Debian's kubernetes-client, unless

@@ -180,6 +180,14 @@ def load(work, name):
         return json.load(f)
 
 
+def load_optional(work, name):
+    """The JSON result `name`, or None when the step did not run."""
+    path = os.path.join(work, name + ".json")
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    return load(work, name)
+
+
 def read_text(work, name, default=""):
     try:
         with open(os.path.join(work, name)) as f:
@@ -236,6 +244,72 @@ def model_summary(model_dir):
 # Report
 
 
+def write_whole_request(w, gen, res, ks, L, k003):
+    """Prefill-only vs whole-request FLOPs, and one request's FLOPs by phase."""
+    w("## Compute per request: prefill only vs the whole request")
+    w("")
+    w("'prefill saved' (the paper's measure, and the one VTW acts on) vs 'whole request saved' "
+      "(vision tower + prefill + decode, what a request costs), per K, on the test set (answers "
+      "end at EOS after about %.0f tokens):" % res[L]["mean_generated_tokens"])
+    w("")
+    w("| K | prefill saved % | whole request saved % | accuracy % |")
+    w("|---|---|---|---|")
+    for k in ks:
+        r = res[k]
+        name = ("**%s**" % kname(k, L)) if k == k003 else kname(k, L)
+        w("| %s | %.1f | %.1f | %s |" % (name, r["prefill_flops_saved_pct"], r["flops_saved_pct"],
+                                          pct(r["accuracy"])))
+    w("")
+    if gen and "flops_breakdown" in gen:
+        b = gen["flops_breakdown"]
+        tot, tot0 = gen["flops"], gen["flops_without_vtw"]
+        w("One request by phase (`vtw generate --json`, the first test question, default "
+          "`--max-new-tokens`, K = %s, %d tokens generated):" % (
+              kname(gen.get("vtw_layer", L) if gen.get("vtw_layer") is not None else L, L),
+              len(gen.get("token_ids", []))))
+        w("")
+        w("| phase | MFLOPs without VTW | share of the request | MFLOPs with VTW | saved % |")
+        w("|---|---|---|---|---|")
+        for phase, with_, without in (("vision tower", b["vision"], b["vision"]),
+                                      ("prefill", b["prefill"], b["prefill_without_vtw"]),
+                                      ("decode", b["decode"], b["decode_without_vtw"])):
+            w("| %s | %.1f | %.1f%% | %.1f | %.1f |" % (
+                phase, without / 1e6, 100.0 * without / tot0, with_ / 1e6,
+                100.0 * (without - with_) / without if without else 0))
+        w("| **whole request** | %.1f | 100%% | %.1f | **%.1f** |" % (
+            tot0 / 1e6, tot / 1e6, 100.0 * (tot0 - tot) / tot0))
+        w("")
+        w("VTW removes prefill and decode work only; the vision tower's share bounds what any K can "
+          "save of a whole request (K = 0 would save %.1f%%)." % res[0]["flops_saved_pct"])
+        w("")
+
+
+def write_independent(w, indep, res, types, ks, L, k003, meta, cmd):
+    """Accuracy per K and type on the independent (cairo-drawn) set, next to the test set."""
+    ires = {r["layer"]: r for r in indep["results"]}
+    w("## Independent evaluation set (another renderer)")
+    w("")
+    w("%d questions on %d images drawn by `scripts/make-independent-eval.py --seed %s` with cairo "
+      "(python3-cairo), not OpenCV: cairo's antialiasing (none / gray / best), outlines in a "
+      "darker shade or near-black with 1-4 px lines and mitre/round/bevel joins, white, gradient "
+      "and two-tone backgrounds, images 56-256 px, shapes 14-38%% of the crop, rotations up to 25 "
+      "degrees. Same six question templates and answer words as `vtw dataset`; never used in "
+      "training. `%s`" % (indep["num_examples"], indep["num_images"],
+                          meta.get("independent_seed", "?"), cmd))
+    w("")
+    head = ["K", "acc %", "vs test set"] + types + ["whole request saved %"]
+    w("| " + " | ".join(head) + " |")
+    w("|" + "---|" * len(head))
+    for k in ks:
+        r = ires[k]
+        row = [("**%s**" % kname(k, L)) if k == k003 else kname(k, L), pct(r["accuracy"]),
+               "%+.1f" % (100 * (r["accuracy"] - res[k]["accuracy"]))]
+        row += [pct(r["per_type"][t]["accuracy"]) for t in types]
+        row += ["%.1f" % r["flops_saved_pct"]]
+        w("| " + " | ".join(row) + " |")
+    w("")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True)
@@ -255,6 +329,8 @@ def main():
     calib = load(work, "calib")
     calib_bt = load(work, "calib_by_type")
     study = load(work, "study")
+    indep = load_optional(work, "eval_independent")
+    gen = load_optional(work, "generate_default")
 
     L = ev["num_layers"]
     res = {r["layer"]: r for r in ev["results"]}
@@ -417,6 +493,31 @@ def main():
               pct(1.0 / baselines[t][0]) if t in baselines else "?",
               ", majority %s%%" % pct(baselines[t][1]) if t in baselines else "")
           for t in types)))
+    # Whole request vs prefill only, at the calibrated K and at the smallest K that saves 35%.
+    k35 = [k for k in ks if res[k]["flops_saved_pct"] >= 35.0]
+    k35 = max(k35) if k35 else None
+    w("- **Whole request** (vision + prefill + decode): at K = %s, **%.1f%% of all FLOPs saved** "
+      "next to %.1f%% of prefill FLOPs (the vision tower and decoding, %.0f%% of a request's "
+      "FLOPs here, are hardly touched by withdrawal). >= 35%% of the whole request needs K <= %s (%.1f%% saved), where accuracy "
+      "is %s%% (%+.1f points vs off). Goal (>= 35%% whole-request at <= 1 point lost): %s."
+      % (kname(k003, L), at_k["flops_saved_pct"], saved,
+         100 * (1 - off["mean_prefill_flops"] / off["mean_flops"]) if off["mean_flops"] else 0,
+         kname(k35, L) if k35 is not None else "?",
+         res[k35]["flops_saved_pct"] if k35 is not None else 0,
+         pct(res[k35]["accuracy"]) if k35 is not None else "?",
+         100 * (res[k35]["accuracy"] - acc_off) if k35 is not None else 0,
+         yesno(at_k["flops_saved_pct"] >= 35.0 and loss_pts <= 1.0)))
+    if indep:
+        ires = {r["layer"]: r for r in indep["results"]}
+        ioff, ik = ires[L], ires[k003]
+        imin = min(types, key=lambda t: ioff["per_type"][t]["accuracy"])
+        iok = ioff["accuracy"] >= 0.92 and all(ioff["per_type"][t]["accuracy"] >= 0.85 for t in types)
+        w("- **Independent set** (%d questions drawn with cairo, never trained on): VTW off **%s%%** "
+          "(%+.1f points vs the test set), lowest type `%s` at %s%%; at K = %s %s%% (%+.1f points "
+          "vs off). Goal (>= 92%% overall, >= 85%% every type, VTW off): %s."
+          % (indep["num_examples"], pct(ioff["accuracy"]), 100 * (ioff["accuracy"] - acc_off), imin,
+             pct(ioff["per_type"][imin]["accuracy"]), kname(k003, L), pct(ik["accuracy"]),
+             100 * (ik["accuracy"] - ioff["accuracy"]), yesno(iok)))
     w("")
     # Plain conclusions, computed from the numbers.
     w("### What this model shows")
@@ -516,6 +617,9 @@ def main():
     w("")
     w("![Accuracy vs FLOPs](%s/accuracy_vs_flops.svg)" % rel)
     w("")
+    write_whole_request(w, gen, res, ks, L, k003)
+    if indep:
+        write_independent(w, indep, res, types, ks, L, k003, meta, read_text(work, "eval_independent.cmd"))
     w("## Calibration (\"find K\")")
     w("")
     w("`%s`" % read_text(work, "calib.cmd"))

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The accuracy / compute report of a model: VTW at every withdrawal layer K on a held-out test
-# split, the KL calibration of K, the attention-sink study and the information-migration check.
+# split and on an independent set drawn by another renderer (cairo:
+# scripts/make-independent-eval.py), the FLOPs of a whole request by phase (vision, prefill,
+# decode), the KL calibration of K, the attention-sink study and the information-migration check.
 # Writes docs/REPORT.md (and its SVG plots in docs/report/) from scratch; nothing else changes
 # (the model directory is only read).
 #
@@ -14,6 +16,8 @@
 #   --calib-count N  calibration-split questions generated [VTW_REPORT_CALIB_COUNT], default 300
 #   --samples N      calibration samples (the paper uses ~20) [VTW_REPORT_SAMPLES], default 20
 #   --study N        attention-study samples [VTW_REPORT_STUDY], default 300
+#   --independent N  questions of the independent (cairo) set [VTW_REPORT_INDEPENDENT], default
+#                    900 (seed 11; needs Debian's python3-cairo); 0 skips it
 #   --threads N      CPU threads (0 = all cores) [VTW_THREADS], default 1 (faster than 2 for
 #                    these small models, and robust when other jobs share the cores)
 #   --work DIR       keep the generated data and JSON results there (default: a temp dir, removed)
@@ -30,11 +34,13 @@ COUNT="${VTW_REPORT_COUNT:-900}"
 CALIB_COUNT="${VTW_REPORT_CALIB_COUNT:-300}"
 SAMPLES="${VTW_REPORT_SAMPLES:-20}"
 STUDY="${VTW_REPORT_STUDY:-300}"
+INDEPENDENT="${VTW_REPORT_INDEPENDENT:-900}"
+INDEPENDENT_SEED=11
 THREADS="${VTW_THREADS:-1}"
 WORK=""
 SEED=7
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -43,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --calib-count) CALIB_COUNT="$2"; shift 2 ;;
     --samples) SAMPLES="$2"; shift 2 ;;
     --study) STUDY="$2"; shift 2 ;;
+    --independent) INDEPENDENT="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -102,6 +109,21 @@ run calib "$BIN" calibrate "${COMMON[@]}" --data "$CALIB" --samples "$SAMPLES" \
 step "calibrate: first $SAMPLES samples per question type"
 run calib_by_type "$BIN" calibrate "${COMMON[@]}" --data "$CALIB" --samples "$SAMPLES" --by-type \
   --eta 0.003 --eta 0.01 --eta 0.05 --json
+if [[ "$INDEPENDENT" -gt 0 ]]; then
+  step "independent set: $INDEPENDENT questions drawn with cairo (seed $INDEPENDENT_SEED)"
+  /usr/bin/python3 "$SCRIPT_DIR/make-independent-eval.py" --out "$WORK/independent" \
+    --count "$INDEPENDENT" --seed "$INDEPENDENT_SEED" >&2
+  step "eval: independent set, image tokens withdrawn at every K"
+  run eval_independent "$BIN" eval "${COMMON[@]}" --data "$WORK/independent/independent.jsonl" \
+    --vtw-layer all --json
+fi
+step "whole request by phase: vtw generate --json on the first test question (default max-new-tokens)"
+FIRST=$(python3 -c 'import json,os,sys
+e = json.loads(open(sys.argv[1]).readline())
+print(os.path.join(os.path.dirname(sys.argv[1]), e["image"])); print(e["question"])' "$TEST")
+FIRST_IMAGE=$(printf '%s\n' "$FIRST" | sed -n 1p)
+FIRST_QUESTION=$(printf '%s\n' "$FIRST" | sed -n 2p)
+run generate_default "$BIN" generate "${COMMON[@]}" --image "$FIRST_IMAGE" --prompt "$FIRST_QUESTION" --json
 step "attention-sink study: $STUDY samples"
 run study "$BIN" study "${COMMON[@]}" --data "$TEST" --samples "$STUDY" --json
 
@@ -109,6 +131,7 @@ cat >"$WORK/meta.json" <<EOF
 {"model": "$MODEL", "binary": "$BIN", "test_count": $COUNT, "calib_count": $CALIB_COUNT,
  "seed": $SEED, "samples": $SAMPLES, "study": $STUDY, "threads": "$THREADS",
  "test_jsonl": "$TEST", "calib_jsonl": "$CALIB",
+ "independent_count": $INDEPENDENT, "independent_seed": $INDEPENDENT_SEED,
  "git": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)",
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "host_cpus": $(nproc)}
 EOF

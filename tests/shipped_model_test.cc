@@ -4,6 +4,7 @@
 // scores them with VTW off and at the calibrated K stored in the model directory (vtw.json).
 // Acceptance bars of the shipped model: >= 90% overall and >= 80% on every question type with
 // VTW off; at the calibrated K >= 40% of prefill FLOPs saved and <= 1 point of accuracy lost.
+// A second test runs a fixed subset of the independent, cairo-drawn set.
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -62,6 +63,47 @@ TEST(ShippedModel, MeetsTheAccuracyBarsWithVtwOffAndAtTheCalibratedK) {
   }
   EXPECT_GE((*at_k)["prefill_flops_saved_pct"].get<double>(), 40.0) << at_k->dump(2);
   EXPECT_GE(acc_k, acc_off - 0.01) << at_k->dump(2);
+}
+
+// The first 180 questions of the independent set (scripts/make-independent-eval.py, drawn with
+// cairo instead of OpenCV, seed 11; docs/REPORT.md has all 900): the shipped model on images of
+// another renderer. These bars are floors under what the current model does on this subset
+// (measured: VTW off 83.3%, lowest type count_shape 63.3%, K = 3 84.4%; docs/REPORT.md), so a
+// model or preprocessing change that makes it worse fails; they are not issue 15's goal (>= 92%
+// overall, >= 85% per type), which needs a more robust model.
+TEST(ShippedModel, IndependentRendererSubsetStaysAboveItsFloors) {
+  const std::string model = std::string(VTW_SOURCE_DIR) + "/models/vtw-shapes";
+  const std::string script = std::string(VTW_SOURCE_DIR) + "/scripts/make-independent-eval.py";
+  std::ifstream vtw_json(model + "/vtw.json");
+  ASSERT_TRUE(vtw_json) << "the shipped model has no vtw.json (run vtw calibrate --write)";
+  const int k = json::parse(vtw_json).value("default_layer", -1);
+  ASSERT_GE(k, 0);
+  const std::string dir = FreshTestDir("shipped_model_independent").string();
+  ProcessResult data = RunProcess({"/usr/bin/python3", script, "--out", dir, "--count", "180", "--seed", "11"});
+  ASSERT_EQ(data.exit_code, 0) << "make-independent-eval.py failed (python3-cairo installed? "
+                                  "scripts/install-deps.sh installs it):\n"
+                               << data.err;
+  ProcessResult eval = RunProcess({VtwBinary(), "eval", "--model", model, "--data", dir + "/independent.jsonl",
+                                   "--vtw-layer", "off," + std::to_string(k), "--threads", "1", "--json", "--no-progress"});
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const json j = json::parse(eval.out);
+  ASSERT_EQ(j["num_examples"], 180);
+  ASSERT_EQ(j["results"].size(), 2u) << j.dump();
+  const json* off = nullptr;
+  const json* at_k = nullptr;
+  for (const json& r : j["results"]) (r["vtw_layer"].is_null() ? off : at_k) = &r;
+  ASSERT_TRUE(off != nullptr && at_k != nullptr) << j.dump();
+  const double acc_off = (*off)["accuracy"].get<double>();
+  const double acc_k = (*at_k)["accuracy"].get<double>();
+  std::cout << "shipped model, 180 independent (cairo) questions: VTW off " << acc_off << ", K="
+            << (*at_k)["vtw_layer"] << " " << acc_k << "\n";
+  EXPECT_GE(acc_off, 0.78) << off->dump(2);
+  ASSERT_EQ((*off)["per_type"].size(), 6u) << off->dump(2);
+  for (const auto& [type, r] : (*off)["per_type"].items()) {
+    EXPECT_GE(r["count"].get<int>(), 25) << type;
+    EXPECT_GE(r["accuracy"].get<double>(), 0.55) << type << ": " << r.dump();
+  }
+  EXPECT_GE(acc_k, acc_off - 0.02) << at_k->dump(2);
 }
 
 }  // namespace
