@@ -30,7 +30,14 @@ void RegisterDatasetCommand(CLI::App& app) {
   cmd->add_option("--threads", opts->threads, "Render threads (0: all cores)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  cmd->callback([opts]() {
+  auto style = std::make_shared<std::string>("default");
+  cmd->add_option("--scene-style", *style,
+                  "default: the dataset's scenes; varied: also gradient / two-tone / white "
+                  "backgrounds, outlines and wider rotations (renderer robustness)")
+      ->check(CLI::IsMember({"default", "varied"}))
+      ->capture_default_str();
+  cmd->callback([opts, style]() {
+    opts->scene.varied_style = *style == "varied";
     const Status status = GenerateDataset(*opts, &std::cerr);
     if (!status.ok()) {
       std::cerr << "vtw dataset: " << status.ToString() << "\n";

@@ -118,6 +118,12 @@ void RegisterTrainCommand(CLI::App& app) {
       ->check(CLI::Range(1, 16))->capture_default_str();
   cmd->add_option("--data-seed", o->data_seed, "Dataset seed of the train/val splits")
       ->capture_default_str();
+  cmd->add_flag("--varied-scenes", o->varied_style,
+                "Training scenes with renderer variation (as `vtw dataset --scene-style varied`); "
+                "validation stays the default style");
+  cmd->add_option("--init-from", o->init_from,
+                  "Start from this model directory's weights (fine-tuning; same geometry and "
+                  "tokenizer, e.g. --tokenizer DIR)");
   cmd->add_option("--steps", o->steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--batch-size", o->batch_size,
                   "Questions per step (--turns 1) or sequences = images per step (--turns > 1)")

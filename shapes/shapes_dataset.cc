@@ -102,7 +102,8 @@ void SampleImageSize(std::mt19937_64& rng, const SceneSpec& spec, int* width, in
 }
 
 // Samples kind-specific geometry of `shape` (all but the position) with the given size.
-void SampleGeometry(std::mt19937_64& rng, double size, Shape* shape) {
+// `wide_rotation` (varied style): squares and triangles turned by up to 25 degrees, more often.
+void SampleGeometry(std::mt19937_64& rng, double size, Shape* shape, bool wide_rotation) {
   shape->size = static_cast<float>(size);
   shape->angle_deg = 0;
   shape->aspect = 1;
@@ -111,14 +112,21 @@ void SampleGeometry(std::mt19937_64& rng, double size, Shape* shape) {
     case ShapeKind::kCircle:
       break;
     case ShapeKind::kSquare:
-      if (Bernoulli(rng, 0.3)) shape->angle_deg = static_cast<float>(UniformReal(rng, -12, 12));
+      if (wide_rotation) {
+        if (Bernoulli(rng, 0.5)) shape->angle_deg = static_cast<float>(UniformReal(rng, -25, 25));
+      } else if (Bernoulli(rng, 0.3)) {
+        shape->angle_deg = static_cast<float>(UniformReal(rng, -12, 12));
+      }
       break;
     case ShapeKind::kTriangle:
       // A triangle covers less area than a circle of the same width: make it a bit wider.
       shape->size = static_cast<float>(size * 1.15);
       shape->aspect = static_cast<float>(UniformReal(rng, 0.8, 1.05));
       shape->skew = static_cast<float>(UniformReal(rng, -0.12, 0.12));
-      if (Bernoulli(rng, 0.4)) shape->angle_deg = static_cast<float>(UniformReal(rng, -15, 15));
+      if (Bernoulli(rng, wide_rotation ? 0.5 : 0.4)) {
+        const double a = wide_rotation ? 25 : 15;
+        shape->angle_deg = static_cast<float>(UniformReal(rng, -a, a));
+      }
       break;
   }
 }
@@ -135,7 +143,7 @@ bool PlaceShapes(std::mt19937_64& rng, const SceneSpec& spec, const Scene& scene
   const double gap = std::max(3.0, spec.gap_frac * side);
   for (size_t i = 0; i < shapes->size(); ++i) {
     Shape& s = (*shapes)[i];
-    SampleGeometry(rng, side * UniformReal(rng, lo_frac, hi_frac), &s);
+    SampleGeometry(rng, side * UniformReal(rng, lo_frac, hi_frac), &s, spec.varied_style);
     // Anti-aliased drawing reaches up to ~1.5 px past the geometric outline: keep that clear too.
     const double r = ShapeRadius(s) + kRenderFringe;
     const double lo_x = x0 + margin + r, hi_x = x0 + side - margin - r;
@@ -280,13 +288,69 @@ Scene RandomScene(std::mt19937_64& rng, const SceneSpec& spec) {
     break;
   }
   scene.shapes = std::move(shapes);
+  if (spec.varied_style) {  // drawn last: the default stream above is the same either way
+    const int style = UniformInt(rng, 0, 3);  // flat, gradient, two-tone, white
+    if (style == 3) {
+      scene.background = {255, 255, 255};
+    } else if (style > 0) {
+      scene.background_style = style == 1 ? Scene::Background::kGradient : Scene::Background::kTwoTone;
+      const int grey = UniformInt(rng, 200, 250);
+      for (int c = 0; c < 3; ++c) {
+        scene.background2[c] = static_cast<uint8_t>(std::clamp(grey + UniformInt(rng, -12, 12), 190, 255));
+      }
+      scene.background_angle = static_cast<float>(UniformReal(rng, 0, M_PI));
+    }
+    const int outline = UniformInt(rng, 0, 3);  // none, none, darker, dark
+    if (outline >= 2) {
+      scene.outline = outline == 2 ? Scene::Outline::kDarker : Scene::Outline::kDark;
+      scene.outline_width = static_cast<float>(UniformReal(rng, 1.0, 2 * kRenderFringe));
+    }
+  }
   return scene;
 }
+
+namespace {
+
+// The varied-style background (gradient or two-tone) as float BGR.
+cv::Mat StyledBackground(const Scene& scene) {
+  cv::Mat out(scene.height, scene.width, CV_32FC3, Bgr(scene.background));
+  const cv::Vec3f a(scene.background[2], scene.background[1], scene.background[0]);
+  const cv::Vec3f b(scene.background2[2], scene.background2[1], scene.background2[0]);
+  const double w = scene.width, h = scene.height;
+  if (scene.background_style == Scene::Background::kGradient) {
+    const double dx = std::cos(scene.background_angle), dy = std::sin(scene.background_angle);
+    const double half = 0.5 * (std::abs(dx) * w + std::abs(dy) * h);
+    for (int y = 0; y < scene.height; ++y) {
+      for (int x = 0; x < scene.width; ++x) {
+        const double t = std::clamp(((x + 0.5 - w / 2) * dx + (y + 0.5 - h / 2) * dy) / (2 * half) + 0.5, 0.0, 1.0);
+        out.at<cv::Vec3f>(y, x) = a * static_cast<float>(1 - t) + b * static_cast<float>(t);
+      }
+    }
+  } else if (scene.background_style == Scene::Background::kTwoTone) {
+    for (int y = 0; y < scene.height; ++y) {  // the upper-left triangle in the second tone
+      for (int x = 0; x < scene.width; ++x) {
+        if ((x + 0.5) / w + (y + 0.5) / h < 1.0) out.at<cv::Vec3f>(y, x) = b;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 cv::Mat RenderScene(const Scene& scene) {
   const cv::Scalar bg = Bgr(scene.background);
   cv::Mat image;
-  if (scene.noise_sigma > 0) {
+  if (scene.background_style != Scene::Background::kFlat) {
+    cv::Mat base = StyledBackground(scene);
+    if (scene.noise_sigma > 0) {
+      cv::Mat noise(scene.height, scene.width, CV_32FC3);
+      cv::RNG noise_rng(scene.noise_seed);
+      noise_rng.fill(noise, cv::RNG::NORMAL, 0.0, scene.noise_sigma);
+      base += noise;
+    }
+    base.convertTo(image, CV_8UC3);
+  } else if (scene.noise_sigma > 0) {
     cv::Mat noisy(scene.height, scene.width, CV_32FC3, bg);
     cv::Mat noise(scene.height, scene.width, CV_32FC3);
     cv::RNG noise_rng(scene.noise_seed);
@@ -313,6 +377,28 @@ cv::Mat RenderScene(const Scene& scene) {
                          static_cast<int>(std::lround(p.y * kScale)));
       }
       cv::fillConvexPoly(image, pts, color, line_type, kShift);
+    }
+    if (scene.outline != Scene::Outline::kNone) {
+      const cv::Scalar rim = scene.outline == Scene::Outline::kDark
+                                 ? cv::Scalar(30, 30, 30)
+                                 : Bgr({static_cast<uint8_t>(s.rgb[0] * 0.6), static_cast<uint8_t>(s.rgb[1] * 0.6),
+                                        static_cast<uint8_t>(s.rgb[2] * 0.6)});
+      // A rim, not a ring: at most 12% of the shape's size (as in the independent set).
+      const int thickness = std::max(
+          1, static_cast<int>(std::lround(std::min<double>(scene.outline_width, 0.12 * s.size))));
+      if (s.kind == ShapeKind::kCircle) {
+        const cv::Point center(static_cast<int>(std::lround(s.cx * kScale)),
+                               static_cast<int>(std::lround(s.cy * kScale)));
+        cv::circle(image, center, static_cast<int>(std::lround(s.size / 2 * kScale)), rim, thickness,
+                   line_type, kShift);
+      } else {
+        std::vector<cv::Point> pts;
+        for (const cv::Point2f& p : ShapeVertices(s)) {
+          pts.emplace_back(static_cast<int>(std::lround(p.x * kScale)),
+                           static_cast<int>(std::lround(p.y * kScale)));
+        }
+        cv::polylines(image, pts, /*isClosed=*/true, rim, thickness, line_type, kShift);
+      }
     }
   }
   return image;

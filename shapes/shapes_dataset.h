@@ -78,6 +78,14 @@ struct Scene {
   bool antialiased = true;  // cv::LINE_AA edges, else cv::LINE_8
   int jpeg_quality = 0;     // 0: PNG, else JPEG at this quality (1..100)
   std::vector<Shape> shapes;
+  // Style variation (SceneSpec::varied_style; all off in the default dataset):
+  enum class Background { kFlat, kGradient, kTwoTone };
+  Background background_style = Background::kFlat;
+  std::array<uint8_t, 3> background2{};  // RGB: the gradient's other end / the second tone
+  float background_angle = 0;            // radians: the gradient's direction
+  enum class Outline { kNone, kDarker, kDark };
+  Outline outline = Outline::kNone;      // a rim around every shape: 0.6x its fill, or near-black
+  float outline_width = 0;               // pixels (<= 2 * the render fringe, so shapes stay clear)
 
   int CropSide() const { return width < height ? width : height; }
   float CropX0() const { return (width - CropSide()) * 0.5f; }
@@ -107,6 +115,11 @@ struct SceneSpec {
   double jpeg_prob = 0.35;
   int min_jpeg_quality = 40;
   int max_jpeg_quality = 95;
+  // Renderer variation for robustness to images drawn by other programs (`--scene-style
+  // varied`): gradient or two-tone light backgrounds, outlines (a darker shade or near-black,
+  // 1-3 px), wider rotations. Off by default, and the default stream of random draws is
+  // unchanged by this field, so existing splits stay byte-identical.
+  bool varied_style = false;
 };
 
 // Samples a scene. Always succeeds: shapes are placed by rejection sampling and shrunk if

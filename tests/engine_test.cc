@@ -206,7 +206,10 @@ TEST(Engine, DeadlinesEndRunningAndWaitingRequests) {
   auto running = std::make_shared<FakeSink>("running");
   auto waiting = std::make_shared<FakeSink>("waiting");
   auto r1 = MakeRequest(*bundle, 0, 2, 4000, running);
-  r1->deadline = Clock::now() + std::chrono::milliseconds(400);
+  // 1.5 s: long enough that a loaded machine still generates some tokens before it passes (at
+  // 400 ms a CI run beside a training job once saw the deadline pass with none), far shorter
+  // than the 4000 tokens asked for.
+  r1->deadline = Clock::now() + std::chrono::milliseconds(1500);
   auto r2 = MakeRequest(*bundle, 1, 2, 4000, waiting);
   r2->deadline = Clock::now() + std::chrono::milliseconds(200);
   ASSERT_TRUE(engine.Submit(std::move(r1)).ok());

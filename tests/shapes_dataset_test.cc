@@ -328,6 +328,64 @@ TEST(ShapesDatasetTest, RenderedShapesDoNotTouch) {
   }
 }
 
+TEST(ShapesDatasetTest, VariedStyleAddsBackgroundsAndOutlinesInsideTheCrop) {
+  SceneSpec spec;
+  spec.varied_style = true;
+  std::mt19937_64 rng(17), rng_again(17);
+  std::map<Scene::Background, int> backgrounds;
+  int outlined = 0, white = 0, rotated_far = 0;
+  for (int i = 0; i < 600; ++i) {
+    const Scene scene = RandomScene(rng, spec);
+    ++backgrounds[scene.background_style];
+    white += scene.background == std::array<uint8_t, 3>{255, 255, 255};
+    if (scene.outline != Scene::Outline::kNone) {
+      ++outlined;
+      EXPECT_GE(scene.outline_width, 1.0f);
+      EXPECT_LE(scene.outline_width, 3.0f);
+    }
+    for (const Shape& s : scene.shapes) rotated_far += std::abs(s.angle_deg) > 15;
+    const cv::Mat image = RenderScene(scene);
+    // Deterministic: the same seed draws and renders the same scene.
+    const cv::Mat again = RenderScene(RandomScene(rng_again, spec));
+    ASSERT_EQ(cv::norm(image, again, cv::NORM_INF), 0) << "scene " << i;
+    // The fill colour at every shape's centre; an outline only on the rim.
+    for (const Shape& s : scene.shapes) {
+      const cv::Vec3b px = image.at<cv::Vec3b>(static_cast<int>(std::lround(s.cy)),
+                                               static_cast<int>(std::lround(s.cx)));
+      EXPECT_EQ(px, cv::Vec3b(s.rgb[2], s.rgb[1], s.rgb[0])) << "scene " << i;
+      // Inside the crop square, outline included (margin minus the render fringe).
+      const double side = scene.CropSide();
+      EXPECT_GE(s.cx - ShapeRadius(s), scene.CropX0() + 1.5) << "scene " << i;
+      EXPECT_LE(s.cx + ShapeRadius(s), scene.CropX0() + side - 1.5) << "scene " << i;
+    }
+    if (scene.background_style == Scene::Background::kTwoTone && scene.background != scene.background2) {
+      // Upper-left corner in the second tone, lower-right in the first (no shape is there:
+      // shapes keep a margin from the crop border, and the corners are outside a non-square crop
+      // or inside that margin).
+      const cv::Vec3b ul = image.at<cv::Vec3b>(0, 0), lr = image.at<cv::Vec3b>(scene.height - 1, scene.width - 1);
+      if (scene.noise_sigma == 0) {
+        EXPECT_EQ(ul, cv::Vec3b(scene.background2[2], scene.background2[1], scene.background2[0])) << i;
+        EXPECT_EQ(lr, cv::Vec3b(scene.background[2], scene.background[1], scene.background[0])) << i;
+      }
+    }
+  }
+  EXPECT_GT(backgrounds[Scene::Background::kFlat], 150);  // flat and white
+  EXPECT_GT(backgrounds[Scene::Background::kGradient], 100);
+  EXPECT_GT(backgrounds[Scene::Background::kTwoTone], 100);
+  EXPECT_GT(white, 100);
+  EXPECT_GT(outlined, 200);
+  EXPECT_LT(outlined, 400);
+  EXPECT_GT(rotated_far, 100);
+  // The default spec draws none of it.
+  std::mt19937_64 plain(17);
+  for (int i = 0; i < 200; ++i) {
+    const Scene scene = RandomScene(plain);
+    EXPECT_EQ(scene.background_style, Scene::Background::kFlat);
+    EXPECT_EQ(scene.outline, Scene::Outline::kNone);
+    for (const Shape& s : scene.shapes) EXPECT_LE(std::abs(s.angle_deg), 15.0f);
+  }
+}
+
 TEST(ShapesDatasetTest, EncodedImagesKeepTheAnswerColours) {
   std::mt19937_64 rng(17);
   int jpeg = 0;

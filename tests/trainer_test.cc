@@ -182,6 +182,59 @@ TEST_F(TrainerTest, FewStepsLowerTheLossAndTheDirectoryLoads) {
 // The shipped recipe's stages on the tiny geometry: vision pre-training on the patch labels,
 // then multi-turn sequences (several questions of one image per sequence) with the auxiliary
 // loss and VTW-aware withdrawal; the loss falls and the model loads.
+// --init-from: a fine-tune starts at the given model's weights (with a vanishing learning rate
+// they come out unchanged, and its first loss is the trained model's, not a random one's), the
+// varied scene style trains, and a directory without weights is an error naming it.
+TEST_F(TrainerTest, InitFromStartsAtTheGivenWeightsWithVariedScenes) {
+  TrainOptions a = TinyOptions("init_a");
+  a.steps = 30;
+  auto ra = RunTraining(a, nullptr);
+  ASSERT_TRUE(ra.ok()) << ra.status().ToString();
+
+  TrainOptions b = TinyOptions("init_b");
+  b.init_from = a.out_dir;
+  b.varied_style = true;
+  b.steps = 2;
+  b.lr = 1e-12;
+  b.warmup = 0;
+  b.weight_decay = 0;
+  auto rb = RunTraining(b, nullptr);
+  ASSERT_TRUE(rb.ok()) << rb.status().ToString();
+  TrainOptions fresh = TinyOptions("init_fresh");
+  fresh.steps = 2;
+  auto rf = RunTraining(fresh, nullptr);
+  ASSERT_TRUE(rf.ok()) << rf.status().ToString();
+  ASSERT_FALSE(rb->losses.empty());
+  ASSERT_FALSE(rf->losses.empty());
+  EXPECT_LT(rb->losses.front(), 0.8 * rf->losses.front())
+      << "a fine-tune's first loss should be the trained model's, far below a random init's";
+
+  auto wa = WeightStore::OpenDirectory(a.out_dir);
+  auto wb = WeightStore::OpenDirectory(b.out_dir);
+  ASSERT_TRUE(wa.ok() && wb.ok());
+  int compared = 0;
+  for (const std::string& name : (*wa)->Names()) {
+    const TensorView* va = (*wa)->Find(name);
+    const TensorView* vb = (*wb)->Find(name);
+    ASSERT_NE(vb, nullptr) << name;
+    auto fa = ToFloatVector(*va);
+    auto fb = ToFloatVector(*vb);
+    ASSERT_TRUE(fa.ok() && fb.ok()) << name;
+    ASSERT_EQ(fa->size(), fb->size()) << name;
+    float worst = 0;
+    for (size_t i = 0; i < fa->size(); ++i) worst = std::max(worst, std::abs((*fa)[i] - (*fb)[i]));
+    EXPECT_LT(worst, 1e-5) << name;
+    ++compared;
+  }
+  EXPECT_GT(compared, 20);
+
+  TrainOptions bad = TinyOptions("init_bad");
+  bad.init_from = (fs::path(a.out_dir) / "no-such-dir").string();
+  auto rbad = RunTraining(bad, nullptr);
+  ASSERT_FALSE(rbad.ok());
+  EXPECT_NE(rbad.status().ToString().find("no-such-dir"), std::string::npos) << rbad.status().ToString();
+}
+
 TEST_F(TrainerTest, VisionStageAndMultiTurnSequencesTrain) {
   TrainOptions o = TinyOptions("multiturn");
   o.steps = 30;

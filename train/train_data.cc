@@ -206,7 +206,8 @@ at::Tensor EncodedSplit::Pixels(const std::vector<int64_t>& idx) const {
 
 StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint64_t seed,
                                   int questions_per_image, const Tokenizer& tokenizer,
-                                  const LlavaConfig& config, int threads, std::ostream* log) {
+                                  const LlavaConfig& config, int threads, std::ostream* log,
+                                  const SceneSpec& spec) {
   const auto start = Clock::now();
   // Scenes and questions sequentially, exactly as GenerateDataset (the balancer is sequential).
   std::vector<Scene> scenes;
@@ -215,7 +216,7 @@ StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint6
   int64_t done = 0;
   for (int64_t image = 0; done < count; ++image) {
     std::mt19937_64 rng(ImageSeed(seed, split, image));
-    scenes.push_back(RandomScene(rng));
+    scenes.push_back(RandomScene(rng, spec));
     const int64_t want = std::min<int64_t>(questions_per_image, count - done);
     questions.push_back(QuestionsFor(scenes.back(), rng, static_cast<int>(want), &balancer));
     done += static_cast<int64_t>(questions.back().size());

@@ -50,8 +50,10 @@ struct EncodedSplit {
 // Generates `split` (count examples, questions_per_image, seed) like `vtw dataset` does
 // (same scenes, questions and encoded image bytes), decodes and preprocesses every image as
 // the runtime does, tokenizes. Uses `threads` worker threads for rendering.
+// `spec`: the scenes' knobs (the dataset's defaults unless given).
 StatusOr<EncodedSplit> BuildSplit(const std::string& split, int64_t count, uint64_t seed,
                                   int questions_per_image, const Tokenizer& tokenizer,
-                                  const LlavaConfig& config, int threads, std::ostream* log);
+                                  const LlavaConfig& config, int threads, std::ostream* log,
+                                  const SceneSpec& spec = SceneSpec{});
 
 }  // namespace vtw::tools

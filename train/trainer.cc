@@ -107,6 +107,8 @@ json OptionsJson(const TrainOptions& o) {
           {"vision_steps", o.vision_steps},
           {"vision_batch", o.vision_batch},
           {"data_seed", o.data_seed},
+          {"varied_style", o.varied_style},
+          {"init_from", o.init_from},
           {"steps", o.steps},
           {"batch_size", o.batch_size},
           {"lr", o.lr},
@@ -168,7 +170,7 @@ class TrainingRun {
 
  private:
   Status PrepareData();   // tokenizer, model config, train and val splits
-  void InitModel();       // weights, parameters, auxiliary head, optimizer
+  Status InitModel();     // weights (random or --init-from), parameters, auxiliary head, optimizer
   Status Resume();        // from o_.checkpoint_dir when asked
   Status SaveCheckpoint(int at_step);
   EvalResult Validate(int at_step);
@@ -219,7 +221,7 @@ StatusOr<TrainResult> TrainingRun::Run() {
   std::error_code ec;
   fs::create_directories(o_.out_dir, ec);
   VTW_RETURN_IF_ERROR(PrepareData());
-  InitModel();
+  VTW_RETURN_IF_ERROR(InitModel());
   VTW_RETURN_IF_ERROR(Resume());
   if (log_) {
     *log_ << "[train] " << [&] {
@@ -263,9 +265,11 @@ Status TrainingRun::PrepareData() {
     return InvalidArgument("--vtw-train-min-layer must be in [0, layers - 1]");
   }
   const int data_threads = std::max(1, o_.threads);
+  SceneSpec train_spec;
+  train_spec.varied_style = o_.varied_style;
   VTW_ASSIGN_OR_RETURN(train_, BuildSplit("train", o_.train_count, o_.data_seed,
                                           o_.questions_per_image, *tokenizer_, config_,
-                                          data_threads, log_));
+                                          data_threads, log_, train_spec));
   // Validation: at most 3 questions per image (comparable across runs with different
   // --questions-per-image).
   VTW_ASSIGN_OR_RETURN(val_, BuildSplit("val", o_.val_count, o_.data_seed,
@@ -293,8 +297,18 @@ Status TrainingRun::PrepareData() {
   return Status::Ok();
 }
 
-void TrainingRun::InitModel() {
+Status TrainingRun::InitModel() {
   LlavaWeights weights = RandomLlavaWeights(config_, at::kFloat, o_.seed, o_.init_std);
+  if (!o_.init_from.empty()) {
+    VTW_ASSIGN_OR_RETURN(std::unique_ptr<WeightStore> store, WeightStore::OpenDirectory(o_.init_from));
+    VTW_ASSIGN_OR_RETURN(LlavaWeights loaded, LoadLlavaWeights(*store, config_, at::kFloat));
+    // Owned, writable copies (the loaded tensors may share the file mapping).
+    std::vector<Param> from = CollectParams(config_, &loaded);
+    std::vector<Param> to = CollectParams(config_, &weights);
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < to.size(); ++i) to[i].tensor.copy_(from[i].tensor);
+    if (log_) *log_ << "[train] initialised from " << o_.init_from << " (" << to.size() << " tensors)\n";
+  }
   params_ = CollectParams(config_, &weights);
   unused_ = UnusedTensors(config_, o_.seed + 1, o_.init_std);
   std::vector<at::Tensor> decay, no_decay;
@@ -331,6 +345,7 @@ void TrainingRun::InitModel() {
   all_params_ = decay;
   all_params_.insert(all_params_.end(), no_decay.begin(), no_decay.end());
   rng_.seed(o_.seed * 0x9E3779B97F4A7C15ULL + 0x5eed);
+  return Status::Ok();
 }
 
 Status TrainingRun::Resume() {

@@ -35,6 +35,9 @@ struct Geometry {
 struct TrainOptions {
   std::string out_dir;        // the HF model directory to write
   std::string tokenizer_dir;  // existing tokenizer files; empty: train one into out_dir
+  // Start from this model directory's weights instead of random ones (fine-tuning; its
+  // config.json must match the preset's geometry and the tokenizer's vocabulary).
+  std::string init_from;
   int tokenizer_vocab = 512;
   std::string preset = "shipped";  // "tiny" (tests) | "shipped"
   Geometry geometry;
@@ -43,6 +46,9 @@ struct TrainOptions {
   int64_t val_count = 600;
   int questions_per_image = 3;
   uint64_t data_seed = 1;
+  // Training scenes with renderer variation (SceneSpec::varied_style: gradient / two-tone /
+  // white backgrounds, outlines, wider rotations); validation stays the default style.
+  bool varied_style = false;
   // Questions packed into one multi-turn training sequence over their shared image (the
   // llava-1.5 conversation form `USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>`):
   // the image rows are computed once for up to this many answers, and the first turn is exactly
