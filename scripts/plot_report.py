@@ -442,7 +442,31 @@ def main():
     except (OSError, ValueError):
         pass
     vat = training.get("vtw_aware_training", {})
-    if training:
+    base = {}
+    try:
+        with open(os.path.join(meta["model"], "training-base.json")) as f:
+            base = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if base:
+        bdata = base.get("data", {}).get("train", {})
+        w("- Base training (`%s/training-base.json`): steps %s-%s from random weights, %s train "
+          "questions (split train, seed %s), %.0f min on %s threads; validation accuracy (VTW off) "
+          "%s%%. Then the fine-tune below (`scripts/finetune-shipped-model.sh`)."
+          % (meta["model"], base.get("start_step"), base.get("end_step"), bdata.get("questions", "?"),
+             bdata.get("seed", "?"), base.get("seconds", 0) / 60, base.get("threads", "?"),
+             pct(base.get("final_val", {}).get("accuracy", float("nan")))))
+    if training and training.get("options", {}).get("init_from"):
+        topt = training["options"]
+        tdata = training.get("data", {}).get("train", {})
+        w("- Fine-tune (`%s/training.json`): from those weights, %s steps on %s train questions "
+          "(split train, seed %s)%s, peak lr %g, %.0f min on %s threads; validation accuracy "
+          "(VTW off, default style) %s%%."
+          % (meta["model"], training.get("end_step"), tdata.get("questions", "?"), tdata.get("seed", "?"),
+             " drawn with renderer variation (`--varied-scenes`)" if topt.get("varied_style") else "",
+             topt.get("lr", float("nan")), training.get("seconds", 0) / 60, training.get("threads", "?"),
+             pct(training.get("final_val", {}).get("accuracy", float("nan")))))
+    elif training:
         tdata = training.get("data", {}).get("train", {})
         w("- Training (`%s/training.json`): %s parameters, steps %s-%s, %s train questions (split "
           "train, seed %s), %.0f min on %s threads; final validation accuracy (VTW off) %s%%."

@@ -67,10 +67,10 @@ TEST(ShippedModel, MeetsTheAccuracyBarsWithVtwOffAndAtTheCalibratedK) {
 
 // The first 180 questions of the independent set (scripts/make-independent-eval.py, drawn with
 // cairo instead of OpenCV, seed 11; docs/REPORT.md has all 900): the shipped model on images of
-// another renderer. These bars are floors under what the current model does on this subset
-// (measured: VTW off 83.3%, lowest type count_shape 63.3%, K = 3 84.4%; docs/REPORT.md), so a
-// model or preprocessing change that makes it worse fails; they are not issue 15's goal (>= 92%
-// overall, >= 85% per type), which needs a more robust model.
+// another renderer. The goal on the whole set (>= 92% overall, >= 85% every type, VTW off) is
+// checked by docs/REPORT.md; this subset (30 questions a type) guards it in CI with floors under
+// what the shipped model does here (measured 2026-12-06: VTW off 93.3%, lowest type count_shape
+// 80.0%, K = 3 92.2%; the model before the renderer fine-tune: 83.3%, 63.3%, 84.4%).
 TEST(ShippedModel, IndependentRendererSubsetStaysAboveItsFloors) {
   const std::string model = std::string(VTW_SOURCE_DIR) + "/models/vtw-shapes";
   const std::string script = std::string(VTW_SOURCE_DIR) + "/scripts/make-independent-eval.py";
@@ -97,11 +97,11 @@ TEST(ShippedModel, IndependentRendererSubsetStaysAboveItsFloors) {
   const double acc_k = (*at_k)["accuracy"].get<double>();
   std::cout << "shipped model, 180 independent (cairo) questions: VTW off " << acc_off << ", K="
             << (*at_k)["vtw_layer"] << " " << acc_k << "\n";
-  EXPECT_GE(acc_off, 0.78) << off->dump(2);
+  EXPECT_GE(acc_off, 0.90) << off->dump(2);
   ASSERT_EQ((*off)["per_type"].size(), 6u) << off->dump(2);
   for (const auto& [type, r] : (*off)["per_type"].items()) {
     EXPECT_GE(r["count"].get<int>(), 25) << type;
-    EXPECT_GE(r["accuracy"].get<double>(), 0.55) << type << ": " << r.dump();
+    EXPECT_GE(r["accuracy"].get<double>(), 0.75) << type << ": " << r.dump();
   }
   EXPECT_GE(acc_k, acc_off - 0.02) << at_k->dump(2);
 }
