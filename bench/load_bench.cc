@@ -53,6 +53,7 @@
 #include "bench/bench_common.h"
 #include "server/generator.h"
 #include "server/model_bundle.h"
+#include "server/openai_api.h"
 #include "vtw/compute_model.h"
 #include "vtw/v1/inference.grpc.pb.h"
 
@@ -585,21 +586,9 @@ class Bench {
     const Item& it = items_[static_cast<size_t>(item) % items_.size()];
     const bool jpeg = it.image.size() > 2 && static_cast<uint8_t>(it.image[0]) == 0xFF &&
                       static_cast<uint8_t>(it.image[1]) == 0xD8;
-    static const char* kB64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    std::string b64;
-    const std::string& in = it.image;
-    for (size_t k = 0; k < in.size(); k += 3) {
-      uint32_t v = static_cast<uint8_t>(in[k]) << 16;
-      if (k + 1 < in.size()) v |= static_cast<uint8_t>(in[k + 1]) << 8;
-      if (k + 2 < in.size()) v |= static_cast<uint8_t>(in[k + 2]);
-      b64 += kB64[(v >> 18) & 63];
-      b64 += kB64[(v >> 12) & 63];
-      b64 += k + 1 < in.size() ? kB64[(v >> 6) & 63] : '=';
-      b64 += k + 2 < in.size() ? kB64[v & 63] : '=';
-    }
     const json image = {{"type", "image_url"},
                         {"image_url", {{"url", std::string("data:image/") + (jpeg ? "jpeg" : "png") +
-                                                   ";base64," + b64}}}};
+                                                   ";base64," + EncodeBase64(it.image)}}}};
     const json text = {{"type", "text"}, {"text", it.question}};
     json body = {{"messages", {{{"role", "user"}, {"content", {image, text}}}}},
                  {"max_tokens", o_.max_new_tokens},

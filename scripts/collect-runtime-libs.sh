@@ -88,10 +88,11 @@ grep -H -F -x -f "$TMP/cands" /var/lib/dpkg/info/*.list 2>/dev/null \
   | awk '{ i = index($0, ".list:"); f = substr($0, 1, i - 1); sub(/.*\//, "", f); sub(/:.*/, "", f)
            p = substr($0, i + 6); if (p !~ /^\/usr\//) p = "/usr" p; print p "\t" f }' \
   | sort -u > "$TMP/owners" || true
-while read -r real; do
-  pkg=$(awk -F'\t' -v p="$real" '$1 == p { print $2; exit }' "$TMP/owners")
-  printf '%s\t%s\t%s\n' "${pkg:-(no package)}" "$(stat -c %s "$real")" "$real"
-done < "$TMP/copied" > "$TMP/owned"
+xargs -r stat -c '%s %n' < "$TMP/copied" > "$TMP/sizes"
+awk -F'\t' 'FNR == NR { if (!($1 in own)) own[$1] = $2; next }
+             { i = index($0, " "); p = substr($0, i + 1)
+               print ((p in own) ? own[p] : "(no package)") "\t" substr($0, 1, i - 1) "\t" p }' \
+  "$TMP/owners" "$TMP/sizes" > "$TMP/owned"
 for pkg in $(cut -f1 "$TMP/owned" | sort -u); do
   c=/usr/share/doc/$pkg/copyright
   if [ -f "$c" ]; then mkdir -p "$DEST/usr/share/doc/$pkg"; cp -p "$(readlink -f "$c")" "$DEST$c"; fi

@@ -180,12 +180,18 @@ def load(work, name):
         return json.load(f)
 
 
+def read_json(path):
+    """The JSON object in `path`, or {} when it is missing, empty or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def load_optional(work, name):
     """The JSON result `name`, or None when the step did not run."""
-    path = os.path.join(work, name + ".json")
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return None
-    return load(work, name)
+    return read_json(os.path.join(work, name + ".json")) or None
 
 
 def read_text(work, name, default=""):
@@ -435,19 +441,9 @@ def main():
       % (meta["model"], geo.get("text_layers"), geo.get("hidden"), geo.get("heads"), geo.get("kv_heads"),
          geo.get("intermediate"), geo.get("vocab"), geo.get("vision_layers"), geo.get("vision_hidden"),
          geo.get("image_size"), geo.get("patch"), ev["num_image_tokens"], study["mean_text_tokens"]))
-    training = {}
-    try:
-        with open(os.path.join(meta["model"], "training.json")) as f:
-            training = json.load(f)
-    except (OSError, ValueError):
-        pass
+    training = read_json(os.path.join(meta["model"], "training.json"))
     vat = training.get("vtw_aware_training", {})
-    base = {}
-    try:
-        with open(os.path.join(meta["model"], "training-base.json")) as f:
-            base = json.load(f)
-    except (OSError, ValueError):
-        pass
+    base = read_json(os.path.join(meta["model"], "training-base.json"))
     if base:
         bdata = base.get("data", {}).get("train", {})
         w("- Base training (`%s/training-base.json`): steps %s-%s from random weights, %s train "

@@ -41,6 +41,8 @@ StatusOr<ChatCompletionRequest> ParseChatCompletionRequest(std::string_view body
 
 // Strict RFC 4648 base64 (padding optional, ASCII whitespace skipped); nullopt when invalid.
 std::optional<std::string> DecodeBase64(std::string_view text);
+// RFC 4648 base64 with padding (what clients put in data: URLs; DecodeBase64's inverse).
+std::string EncodeBase64(std::string_view bytes);
 
 // The HTTP status of a request that ended with `status`: 200 OK, 400 invalid input, 401
 // UNAUTHENTICATED, 404 NOT_FOUND, 413 too large, 429 the queue is full, 503 UNAVAILABLE

@@ -41,6 +41,21 @@ void ExpectInvalid(const json& body, const std::string& needle) {
       << "message: " << r.status().message() << "\nexpected to contain: " << needle;
 }
 
+TEST(Base64, EncodesWithPaddingAndRoundTrips) {
+  EXPECT_EQ(EncodeBase64(""), "");
+  EXPECT_EQ(EncodeBase64("h"), "aA==");
+  EXPECT_EQ(EncodeBase64("he"), "aGU=");
+  EXPECT_EQ(EncodeBase64("hello"), "aGVsbG8=");
+  EXPECT_EQ(EncodeBase64("hello world"), "aGVsbG8gd29ybGQ=");
+  EXPECT_EQ(EncodeBase64(std::string("\xff\xfe\x00", 3)), "//4A");
+  std::string all;
+  for (int n = 0; n < 256; ++n) all.push_back(static_cast<char>(n));
+  for (size_t len = 0; len <= all.size(); len += 37) {
+    const std::string bytes = all.substr(0, len);
+    EXPECT_EQ(DecodeBase64(EncodeBase64(bytes)), std::optional<std::string>(bytes)) << len;
+  }
+}
+
 TEST(Base64, DecodesAndRejects) {
   EXPECT_EQ(DecodeBase64("aGVsbG8="), std::optional<std::string>("hello"));
   EXPECT_EQ(DecodeBase64("aGVsbG8"), std::optional<std::string>("hello"));  // padding optional

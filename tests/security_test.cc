@@ -20,6 +20,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "server/openai_api.h"
 #include "tests/util/oracle.h"
 #include "tests/util/server_process.h"
 #include "tests/util/subprocess.h"
@@ -465,18 +466,7 @@ ProcessResult Curl(const std::vector<std::string>& args, const std::string& url)
 // An oracle case as an OpenAI chat completion body (ignore_eos, 8 tokens, VTW off) in `path`.
 void WriteChatBody(const fs::path& path, int i) {
   const auto& c = OracleCases()[i];
-  const std::string png = ReadFile(testing::OracleDir() + "/" + c["image"].get<std::string>());
-  static const char* kB64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string b64;
-  for (size_t k = 0; k < png.size(); k += 3) {
-    uint32_t v = static_cast<uint8_t>(png[k]) << 16;
-    if (k + 1 < png.size()) v |= static_cast<uint8_t>(png[k + 1]) << 8;
-    if (k + 2 < png.size()) v |= static_cast<uint8_t>(png[k + 2]);
-    b64 += kB64[(v >> 18) & 63];
-    b64 += kB64[(v >> 12) & 63];
-    b64 += k + 1 < png.size() ? kB64[(v >> 6) & 63] : '=';
-    b64 += k + 2 < png.size() ? kB64[v & 63] : '=';
-  }
+  const std::string b64 = EncodeBase64(testing::OracleImageBytes(i));
   const nlohmann::json part_image = {{"type", "image_url"},
                                      {"image_url", {{"url", "data:image/png;base64," + b64}}}};
   const nlohmann::json part_text = {{"type", "text"}, {"text", c["question"].get<std::string>()}};

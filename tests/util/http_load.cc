@@ -2,46 +2,17 @@
 
 #include <httplib.h>
 
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "server/openai_api.h"
 #include "tests/util/oracle.h"
 
 namespace vtw::testing {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
-
-std::string Base64(const std::string& in) {
-  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    const uint32_t v = (static_cast<uint8_t>(in[i]) << 16) | (static_cast<uint8_t>(in[i + 1]) << 8) |
-                       static_cast<uint8_t>(in[i + 2]);
-    for (int s = 18; s >= 0; s -= 6) out += kAlphabet[(v >> s) & 63];
-  }
-  if (i < in.size()) {
-    uint32_t v = static_cast<uint8_t>(in[i]) << 16;
-    if (i + 1 < in.size()) v |= static_cast<uint8_t>(in[i + 1]) << 8;
-    out += kAlphabet[(v >> 18) & 63];
-    out += kAlphabet[(v >> 12) & 63];
-    out += i + 1 < in.size() ? kAlphabet[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -61,15 +32,13 @@ std::string CodeForHttpStatus(int status) {
 
 HttpLoad::HttpLoad(std::string host, int port, HttpLoadOptions options)
     : host_(std::move(host)), port_(port), options_(std::move(options)) {
-  for (const auto& c : OracleCases()) {
-    image_urls_.push_back("data:image/png;base64," +
-                          Base64(ReadFile(OracleDir() + "/" + c["image"].get<std::string>())));
-    prompts_.push_back(c["question"].get<std::string>());
+  for (size_t i = 0; i < OracleCases().size(); ++i) {
+    image_urls_.push_back("data:image/png;base64," + EncodeBase64(OracleImageBytes(static_cast<int>(i))));
+    prompts_.push_back(OracleCases()[i]["question"].get<std::string>());
   }
 }
 
-HttpCallRecord HttpLoad::Call(const std::string& id, int index, void* client_ptr) const {
-  auto& client = *static_cast<httplib::Client*>(client_ptr);
+HttpCallRecord HttpLoad::Call(const std::string& id, int index, httplib::Client& client) const {
   const size_t c = static_cast<size_t>(index) % image_urls_.size();
   HttpCallRecord r;
   r.id = id;
@@ -127,7 +96,7 @@ int HttpLoad::Run(int clients, double rate, double seconds) {
         std::this_thread::sleep_until(next);
         if (Clock::now() >= end) break;
         const std::string id = options_.id_prefix + "-" + std::to_string(t) + "-" + std::to_string(i);
-        HttpCallRecord r = Call(id, i * clients + t, &client);
+        HttpCallRecord r = Call(id, i * clients + t, client);
         {
           std::lock_guard<std::mutex> lock(mu_);
           records_.push_back(std::move(r));

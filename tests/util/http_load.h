@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+namespace httplib {
+class Client;
+}
+
 namespace vtw::testing {
 
 struct HttpLoadOptions {
@@ -46,7 +50,7 @@ class HttpLoad {
   static std::map<std::string, int> CountByCode(const std::vector<HttpCallRecord>& records);
 
  private:
-  HttpCallRecord Call(const std::string& id, int index, void* client) const;
+  HttpCallRecord Call(const std::string& id, int index, httplib::Client& client) const;
 
   std::string host_;
   int port_;
