@@ -141,6 +141,10 @@ void RegisterTrainCommand(CLI::App& app) {
                   "withdrawn at a random layer")->capture_default_str();
   cmd->add_option("--vtw-train-min-layer", o->vtw_train_min_layer,
                   "VTW-aware training: smallest withdrawal layer drawn")->capture_default_str();
+  cmd->add_option("--vtw-train-max-layer", o->vtw_train_max_layer,
+                  "VTW-aware training: largest withdrawal layer drawn (-1: the last layer); "
+                  "e.g. --vtw-train-min-layer 2 --vtw-train-max-layer 2 trains for K = 2 only")
+      ->capture_default_str();
   cmd->add_option("--vision-steps", o->vision_steps,
                   "Vision pre-training steps on the patch labels before the main steps (needs "
                   "--aux-patch-loss > 0)")

@@ -7,10 +7,12 @@
 
 #include <filesystem>
 #include <numeric>
+#include <fstream>
 #include <sstream>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -258,6 +260,45 @@ TEST_F(TrainerTest, VisionStageAndMultiTurnSequencesTrain) {
   auto rb = RunTraining(bad, nullptr);
   ASSERT_FALSE(rb.ok());
   EXPECT_NE(rb.status().message().find("--turns"), std::string::npos) << rb.status().ToString();
+}
+
+TEST_F(TrainerTest, VtwTrainingLayerRangeIsDrawnFromCheckedAndRecorded) {
+  // Four decoder layers, every sequence withdrawn: the default range draws K in [1, 3], a
+  // narrow one only K = 1, so the same seed trains differently, and the record says which.
+  auto options = [&](const std::string& name, int max_layer) {
+    TrainOptions o = TinyOptions(name);
+    o.geometry.text_layers = 4;
+    o.vtw_train_fraction = 1.0;
+    o.vtw_train_min_layer = 1;
+    o.vtw_train_max_layer = max_layer;
+    return o;
+  };
+  auto recorded = [](const TrainOptions& o) {
+    std::ifstream in(o.out_dir + "/training.json");
+    return nlohmann::json::parse(in).at("vtw_aware_training");
+  };
+  const TrainOptions wide = options("range_wide", -1);
+  const TrainOptions narrow = options("range_narrow", 1);
+  auto rw = RunTraining(wide, nullptr);
+  auto rn = RunTraining(narrow, nullptr);
+  auto rn2 = RunTraining(options("range_narrow2", 1), nullptr);
+  ASSERT_TRUE(rw.ok()) << rw.status().ToString();
+  ASSERT_TRUE(rn.ok()) << rn.status().ToString();
+  ASSERT_TRUE(rn2.ok()) << rn2.status().ToString();
+  EXPECT_NE(rw->losses, rn->losses) << "the withdrawal layers drawn should depend on the range";
+  EXPECT_EQ(rn->losses, rn2->losses);
+  EXPECT_EQ(recorded(wide).at("min_layer"), 1);
+  EXPECT_EQ(recorded(wide).at("max_layer"), 3);
+  EXPECT_EQ(recorded(narrow).at("max_layer"), 1);
+
+  for (int bad_max : {0, 4}) {  // below the minimum; past the last layer
+    auto rb = RunTraining(options("range_bad", bad_max), nullptr);
+    ASSERT_FALSE(rb.ok()) << bad_max;
+    EXPECT_NE(rb.status().message().find("--vtw-train-max-layer"), std::string::npos)
+        << rb.status().ToString();
+    EXPECT_NE(rb.status().message().find("4 decoder layers"), std::string::npos)
+        << rb.status().ToString();
+  }
 }
 
 TEST_F(TrainerTest, ResumeContinuesWithIdenticalLosses) {

@@ -123,6 +123,7 @@ json OptionsJson(const TrainOptions& o) {
           {"threads", o.threads},
           {"vtw_train_fraction", o.vtw_train_fraction},
           {"vtw_train_min_layer", o.vtw_train_min_layer},
+          {"vtw_train_max_layer", o.vtw_train_max_layer},
           {"aux_patch_loss", o.aux_patch_loss},
           {"eval_every", o.eval_every},
           {"save_dtype", o.save_dtype},
@@ -195,6 +196,7 @@ class TrainingRun {
   int sp_vocab_ = 0;
   LlavaConfig config_;
   int layers_ = 0;
+  int vtw_max_layer_ = 0;  // o_.vtw_train_max_layer resolved (-1: layers_ - 1)
   EncodedSplit train_, val_;
   std::vector<std::vector<int64_t>> by_image_;  // train examples of each image
   std::vector<Param> params_;
@@ -231,7 +233,7 @@ StatusOr<TrainResult> TrainingRun::Run() {
     }() << " parameters; " << layers_ << " decoder layers, "
           << config_.num_image_tokens() << " image tokens; steps " << o_.steps << " x batch "
           << o_.batch_size << "; VTW-aware fraction " << o_.vtw_train_fraction << " (K in ["
-          << o_.vtw_train_min_layer << ", " << layers_ - 1 << "])\n";
+          << o_.vtw_train_min_layer << ", " << vtw_max_layer_ << "])\n";
   }
   loop_start_ = Clock::now();
   first_step_ = step_;
@@ -261,8 +263,16 @@ Status TrainingRun::PrepareData() {
   }
   VTW_ASSIGN_OR_RETURN(config_, MakeTrainConfig(o_.preset, o_.geometry, sp_vocab_));
   layers_ = config_.text.num_hidden_layers;
+  vtw_max_layer_ = o_.vtw_train_max_layer < 0 ? layers_ - 1 : o_.vtw_train_max_layer;
   if (o_.vtw_train_fraction > 0 && (o_.vtw_train_min_layer < 0 || o_.vtw_train_min_layer >= layers_)) {
-    return InvalidArgument("--vtw-train-min-layer must be in [0, layers - 1]");
+    return InvalidArgument("--vtw-train-min-layer must be in [0, layers - 1] (this model has " +
+                           std::to_string(layers_) + " decoder layers)");
+  }
+  if (o_.vtw_train_fraction > 0 &&
+      (vtw_max_layer_ < o_.vtw_train_min_layer || vtw_max_layer_ >= layers_)) {
+    return InvalidArgument("--vtw-train-max-layer must be in [--vtw-train-min-layer, layers - 1] "
+                           "(this model has " + std::to_string(layers_) +
+                           " decoder layers; -1 means the last)");
   }
   const int data_threads = std::max(1, o_.threads);
   SceneSpec train_spec;
@@ -535,13 +545,13 @@ std::vector<std::vector<int64_t>> TrainingRun::SampleGroups() {
 }
 
 // VTW-aware training: a fraction of the sequences withdraw their image rows before a layer
-// drawn uniformly from [vtw_train_min_layer, layers - 1]; the rest run the full model.
+// drawn uniformly from [vtw_train_min_layer, vtw_train_max_layer]; the rest run the full model.
 std::vector<int> TrainingRun::DrawWithdrawLayers(size_t sequences) {
   std::vector<int> withdraw(sequences, WithdrawalOff(layers_));
   for (size_t s = 0; s < sequences; ++s) {
     if (o_.vtw_train_fraction > 0 && Uniform01(rng_) < o_.vtw_train_fraction) {
       withdraw[s] = o_.vtw_train_min_layer +
-                    static_cast<int>(UniformIndex(rng_, layers_ - o_.vtw_train_min_layer));
+                    static_cast<int>(UniformIndex(rng_, vtw_max_layer_ - o_.vtw_train_min_layer + 1));
     }
   }
   return withdraw;
@@ -670,7 +680,7 @@ Status TrainingRun::Finish() {
                    {"vtw_aware_training",
                     {{"fraction", o_.vtw_train_fraction},
                      {"min_layer", o_.vtw_train_min_layer},
-                     {"max_layer", layers_ - 1},
+                     {"max_layer", vtw_max_layer_},
                      {"description",
                       "this fraction of training sequences withdrew their image tokens before a "
                       "decoder layer drawn uniformly from [min_layer, max_layer]"}}},

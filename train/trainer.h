@@ -68,9 +68,11 @@ struct TrainOptions {
   uint64_t seed = 0;         // weights init and batch sampling
   int threads = 2;
   // VTW-aware training: this fraction of training sequences withdraw their image rows before a
-  // layer drawn uniformly from [vtw_train_min_layer, layers - 1].
+  // layer drawn uniformly from [vtw_train_min_layer, vtw_train_max_layer] (max -1: layers - 1).
+  // A narrow range (e.g. 2..2) concentrates the training on the K a deployment will use.
   double vtw_train_fraction = 0.0;
   int vtw_train_min_layer = 1;
+  int vtw_train_max_layer = -1;
   // Auxiliary patch-label loss (training only): a linear head on the projected image tokens
   // predicts, for every patch, the colour, the kind and the side (centre left or right of the
   // middle) of the shape covering it (or background), and the patch's own row and column; the
