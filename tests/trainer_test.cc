@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <numeric>
 #include <fstream>
+#include <numeric>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -287,8 +287,9 @@ TEST_F(TrainerTest, VtwTrainingLayerRangeIsDrawnFromCheckedAndRecorded) {
   ASSERT_TRUE(rn2.ok()) << rn2.status().ToString();
   EXPECT_NE(rw->losses, rn->losses) << "the withdrawal layers drawn should depend on the range";
   EXPECT_EQ(rn->losses, rn2->losses);
-  EXPECT_EQ(recorded(wide).at("min_layer"), 1);
-  EXPECT_EQ(recorded(wide).at("max_layer"), 3);
+  const nlohmann::json wide_record = recorded(wide);
+  EXPECT_EQ(wide_record.at("min_layer"), 1);
+  EXPECT_EQ(wide_record.at("max_layer"), 3);
   EXPECT_EQ(recorded(narrow).at("max_layer"), 1);
 
   for (int bad_max : {0, 4}) {  // below the minimum; past the last layer
