@@ -145,6 +145,11 @@ void RegisterTrainCommand(CLI::App& app) {
                   "VTW-aware training: largest withdrawal layer drawn (-1: the last layer); "
                   "e.g. --vtw-train-min-layer 2 --vtw-train-max-layer 2 trains for K = 2 only")
       ->capture_default_str();
+  cmd->add_option("--vtw-distill", o->vtw_distill,
+                  "Distillation weight (needs --init-from, the frozen teacher with VTW off): adds "
+                  "weight x KL(teacher || student) of the answer tokens to the loss, so withdrawn "
+                  "sequences learn to answer as the full model does (0: off)")
+      ->capture_default_str();
   cmd->add_option("--vision-steps", o->vision_steps,
                   "Vision pre-training steps on the patch labels before the main steps (needs "
                   "--aux-patch-loss > 0)")

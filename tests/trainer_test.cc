@@ -302,6 +302,60 @@ TEST_F(TrainerTest, VtwTrainingLayerRangeIsDrawnFromCheckedAndRecorded) {
   }
 }
 
+TEST_F(TrainerTest, DistillationMatchesAFrozenTeacherAndIsRecorded) {
+  TrainOptions base = TinyOptions("distill_base");
+  base.steps = 30;
+  ASSERT_TRUE(RunTraining(base, nullptr).ok());
+  auto options = [&](const std::string& name, double fraction, double lr) {
+    TrainOptions o = TinyOptions(name);
+    o.init_from = base.out_dir;
+    o.vtw_distill = 1.0;
+    o.vtw_train_fraction = fraction;
+    o.vtw_train_min_layer = 0;  // the text never sees the image
+    o.vtw_train_max_layer = 0;
+    o.lr = lr;
+    o.warmup = 0;
+    o.weight_decay = 0;
+    return o;
+  };
+  auto kl = [](const TrainOptions& o) {
+    std::ifstream in(o.out_dir + "/training.json");
+    const nlohmann::json d = nlohmann::json::parse(in).at("distillation");
+    EXPECT_EQ(d.at("weight"), 1.0);
+    EXPECT_EQ(d.at("teacher"), o.init_from);
+    return d.at("final_kl_ema").get<double>();
+  };
+  // The student starts as the teacher: with no withdrawal and no learning there is nothing to
+  // distil; withdrawn at K = 0 it answers differently from the teacher.
+  const TrainOptions same = options("distill_same", 0.0, 1e-12);
+  const TrainOptions withdrawn = options("distill_k0", 1.0, 1e-12);
+  ASSERT_TRUE(RunTraining(same, nullptr).ok());
+  ASSERT_TRUE(RunTraining(withdrawn, nullptr).ok());
+  const double kl_same = kl(same), kl_withdrawn = kl(withdrawn);
+  EXPECT_LT(kl_same, 1e-9);
+  EXPECT_GT(kl_withdrawn, 1e-6);
+  EXPECT_GT(kl_withdrawn, 1000 * kl_same);
+  // The teacher is a copy, frozen: a student that learns moves away from it.
+  const TrainOptions moving = options("distill_moving", 0.0, 3e-3);
+  auto rm = RunTraining(moving, nullptr);
+  ASSERT_TRUE(rm.ok()) << rm.status().ToString();
+  EXPECT_GT(kl(moving), 1e-5);
+  // The KL term changes the gradients: without it the same seed trains differently.
+  TrainOptions plain = options("distill_off", 0.0, 3e-3);
+  plain.vtw_distill = 0;
+  auto rp = RunTraining(plain, nullptr);
+  ASSERT_TRUE(rp.ok()) << rp.status().ToString();
+  EXPECT_EQ(rp->losses.front(), rm->losses.front());
+  EXPECT_NE(rp->losses.back(), rm->losses.back());
+
+  TrainOptions no_teacher = options("distill_bad", 0.5, 3e-3);
+  no_teacher.init_from.clear();
+  auto rb = RunTraining(no_teacher, nullptr);
+  ASSERT_FALSE(rb.ok());
+  EXPECT_NE(rb.status().message().find("--vtw-distill needs --init-from"), std::string::npos)
+      << rb.status().ToString();
+}
+
 TEST_F(TrainerTest, ResumeContinuesWithIdenticalLosses) {
   // With VTW-aware sampling and the auxiliary head, whose state must be checkpointed too.
   TrainOptions full = TinyOptions("full");

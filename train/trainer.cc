@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -124,6 +125,7 @@ json OptionsJson(const TrainOptions& o) {
           {"vtw_train_fraction", o.vtw_train_fraction},
           {"vtw_train_min_layer", o.vtw_train_min_layer},
           {"vtw_train_max_layer", o.vtw_train_max_layer},
+          {"vtw_distill", o.vtw_distill},
           {"aux_patch_loss", o.aux_patch_loss},
           {"eval_every", o.eval_every},
           {"save_dtype", o.save_dtype},
@@ -158,6 +160,11 @@ Status CheckOptions(const TrainOptions& o) {
   if (o.turns < 1) return InvalidArgument("--turns must be >= 1");
   if (o.vtw_train_fraction < 0 || o.vtw_train_fraction > 1) {
     return InvalidArgument("--vtw-train-fraction must be in [0, 1]");
+  }
+  if (!(o.vtw_distill >= 0)) return InvalidArgument("--vtw-distill must be >= 0");
+  if (o.vtw_distill > 0 && o.init_from.empty()) {
+    return InvalidArgument("--vtw-distill needs --init-from: the teacher is the model training "
+                           "starts from");
   }
   return Status::Ok();
 }
@@ -206,6 +213,7 @@ class TrainingRun {
   int64_t aux_grid_ = 0;
   at::Tensor aux_row_, aux_col_;  // [P] row and column of each patch
   std::unique_ptr<LlavaModel> model_;
+  std::unique_ptr<LlavaModel> teacher_;  // --vtw-distill: the --init-from model, frozen
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::mt19937_64 rng_;
   TrainResult result_;
@@ -213,7 +221,7 @@ class TrainingRun {
   int step_ = 0;
   int first_step_ = 0;
   Clock::time_point loop_start_;  // reset after the vision stage: rates and ETA of the main steps
-  double ema_loss_ = -1, ema_acc_ = -1, ema_aux_kind_ = -1;
+  double ema_loss_ = -1, ema_acc_ = -1, ema_aux_kind_ = -1, ema_distill_ = -1;
   int64_t tokens_done_ = 0;
 };
 
@@ -317,6 +325,14 @@ Status TrainingRun::InitModel() {
     std::vector<Param> to = CollectParams(config_, &weights);
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < to.size(); ++i) to[i].tensor.copy_(from[i].tensor);
+    if (o_.vtw_distill > 0) {  // the teacher: its own copy of the starting weights, frozen
+      LlavaWeights teacher = weights;
+      ForEachLlavaTensor(config_, &teacher, [](const std::string&, const std::vector<int64_t>&,
+                                              at::Tensor* slot, InitKind) {
+        if (slot != nullptr) *slot = slot->clone();
+      });
+      teacher_ = std::make_unique<LlavaModel>(config_, std::move(teacher), at::kFloat);
+    }
     if (log_) *log_ << "[train] initialised from " << o_.init_from << " (" << to.size() << " tensors)\n";
   }
   params_ = CollectParams(config_, &weights);
@@ -572,6 +588,21 @@ Status TrainingRun::TrainStep(double lr) {
   at::Tensor tgt = at::tensor(b.targets, at::TensorOptions().dtype(at::kLong));
   at::Tensor answer_loss = at::cross_entropy_loss(logits, tgt);
   at::Tensor loss = answer_loss;
+  if (teacher_) {
+    // KL(teacher || student) per answer token, the teacher with VTW off on the same sequences.
+    at::Tensor teacher_logp;
+    {
+      at::NoGradGuard no_grad;
+      const Batch tb = AssembleBatch(*teacher_, train_, groups,
+                                     std::vector<int>(groups.size(), WithdrawalOff(layers_)));
+      teacher_logp = at::log_softmax(TargetLogits(*teacher_, tb), -1);
+    }
+    at::Tensor kl = (teacher_logp.exp() * (teacher_logp - at::log_softmax(logits, -1)))
+                        .sum(-1).mean();
+    loss = loss + o_.vtw_distill * kl;
+    const double k = kl.item<double>();
+    ema_distill_ = ema_distill_ < 0 ? k : 0.95 * ema_distill_ + 0.05 * k;
+  }
   if (o_.aux_patch_loss > 0) {
     double kind_acc = -1;
     loss = loss + o_.aux_patch_loss * AuxLoss(b.features, b.images, &kind_acc);
@@ -617,6 +648,10 @@ void TrainingRun::LogStep(int done, int end_step, double lr, bool tty) {
   char buf[320];
   char aux_text[48] = "";
   if (ema_aux_kind_ >= 0) std::snprintf(aux_text, sizeof(aux_text), " aux-kind %.3f", ema_aux_kind_);
+  if (ema_distill_ >= 0) {
+    const size_t used = std::strlen(aux_text);
+    std::snprintf(aux_text + used, sizeof(aux_text) - used, " kl %.4f", ema_distill_);
+  }
   const int width = 24;
   const int filled = static_cast<int>(width * static_cast<double>(done) / o_.steps);
   std::string bar(filled, '=');
@@ -684,6 +719,14 @@ Status TrainingRun::Finish() {
                      {"description",
                       "this fraction of training sequences withdrew their image tokens before a "
                       "decoder layer drawn uniformly from [min_layer, max_layer]"}}},
+                   {"distillation",
+                    {{"weight", o_.vtw_distill},
+                     {"teacher", o_.vtw_distill > 0 ? o_.init_from : ""},
+                     {"final_kl_ema", ema_distill_},
+                     {"description",
+                      "weight times KL(teacher || student) of the answer tokens, the teacher "
+                      "(the --init-from model, frozen, VTW off) on the same sequences, was added "
+                      "to the loss"}}},
                    {"auxiliary_patch_loss",
                     {{"weight", o_.aux_patch_loss},
                      {"description",

@@ -73,6 +73,11 @@ struct TrainOptions {
   double vtw_train_fraction = 0.0;
   int vtw_train_min_layer = 1;
   int vtw_train_max_layer = -1;
+  // Distillation from a frozen teacher (needs init_from: the teacher is that model, VTW off):
+  // this weight times KL(teacher || student) of the answer-token distributions, over every
+  // training sequence (withdrawn ones learn to answer as the full path did; full-path ones stay
+  // near the teacher), is added to the loss. Costs one no-grad teacher forward per step. 0: off.
+  double vtw_distill = 0.0;
   // Auxiliary patch-label loss (training only): a linear head on the projected image tokens
   // predicts, for every patch, the colour, the kind and the side (centre left or right of the
   // middle) of the shape covering it (or background), and the patch's own row and column; the
