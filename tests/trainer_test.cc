@@ -334,7 +334,6 @@ TEST_F(TrainerTest, DistillationMatchesAFrozenTeacherAndIsRecorded) {
   const double kl_same = kl(same), kl_withdrawn = kl(withdrawn);
   EXPECT_LT(kl_same, 1e-9);
   EXPECT_GT(kl_withdrawn, 1e-6);
-  EXPECT_GT(kl_withdrawn, 1000 * kl_same);
   // The teacher is a copy, frozen: a student that learns moves away from it.
   const TrainOptions moving = options("distill_moving", 0.0, 3e-3);
   auto rm = RunTraining(moving, nullptr);

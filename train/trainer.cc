@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -44,6 +43,9 @@ int64_t UniformIndex(std::mt19937_64& rng, int64_t n) {
   int64_t v = static_cast<int64_t>(Uniform01(rng) * static_cast<double>(n));
   return v >= n ? n - 1 : v;
 }
+
+// The progress line's running averages (0.05 per step); a negative average is unset.
+void UpdateEma(double* ema, double x) { *ema = *ema < 0 ? x : 0.95 * *ema + 0.05 * x; }
 
 std::string FormatDuration(double s) {
   if (!(s >= 0) || s > 1e7) return "--:--";
@@ -514,8 +516,8 @@ Status TrainingRun::VisionStage() {
     vopt.step();
     const double lv = l.item<double>();
     if (!std::isfinite(lv)) return Internal("vision pre-training diverged at step " + std::to_string(vs));
-    ema_l = ema_l < 0 ? lv : 0.95 * ema_l + 0.05 * lv;
-    if (kind_acc >= 0) ema_k = ema_k < 0 ? kind_acc : 0.95 * ema_k + 0.05 * kind_acc;
+    UpdateEma(&ema_l, lv);
+    if (kind_acc >= 0) UpdateEma(&ema_k, kind_acc);
     const int done = vs + 1;
     if (log_ && (done % 50 == 0 || done == o_.vision_steps || done == 1)) {
       const double el = Seconds(vstart);
@@ -600,14 +602,13 @@ Status TrainingRun::TrainStep(double lr) {
     at::Tensor kl = (teacher_logp.exp() * (teacher_logp - at::log_softmax(logits, -1)))
                         .sum(-1).mean();
     loss = loss + o_.vtw_distill * kl;
-    const double k = kl.item<double>();
-    ema_distill_ = ema_distill_ < 0 ? k : 0.95 * ema_distill_ + 0.05 * k;
+    UpdateEma(&ema_distill_, kl.item<double>());
   }
   if (o_.aux_patch_loss > 0) {
     double kind_acc = -1;
     loss = loss + o_.aux_patch_loss * AuxLoss(b.features, b.images, &kind_acc);
     if (kind_acc >= 0) {
-      ema_aux_kind_ = ema_aux_kind_ < 0 ? kind_acc : 0.95 * ema_aux_kind_ + 0.05 * kind_acc;
+      UpdateEma(&ema_aux_kind_, kind_acc);
     }
   }
   const auto t2 = Clock::now();
@@ -634,8 +635,8 @@ Status TrainingRun::TrainStep(double lr) {
                       tgt.index_select(0, first_idx))
                          .to(at::kFloat).mean().item<double>();
   result_.losses.push_back(l);
-  ema_loss_ = ema_loss_ < 0 ? l : 0.95 * ema_loss_ + 0.05 * l;
-  ema_acc_ = ema_acc_ < 0 ? acc : 0.95 * ema_acc_ + 0.05 * acc;
+  UpdateEma(&ema_loss_, l);
+  UpdateEma(&ema_acc_, acc);
   tokens_done_ += b.tokens;
   return Status::Ok();
 }
@@ -646,19 +647,17 @@ void TrainingRun::LogStep(int done, int end_step, double lr, bool tty) {
   const bool line_due = !tty && (done % 10 == 0 || done == end_step || done == first_step_ + 1);
   if (!log_ || !(tty || line_due)) return;
   char buf[320];
-  char aux_text[48] = "";
+  char aux_text[24] = "", kl_text[24] = "";
   if (ema_aux_kind_ >= 0) std::snprintf(aux_text, sizeof(aux_text), " aux-kind %.3f", ema_aux_kind_);
-  if (ema_distill_ >= 0) {
-    const size_t used = std::strlen(aux_text);
-    std::snprintf(aux_text + used, sizeof(aux_text) - used, " kl %.4f", ema_distill_);
-  }
+  if (ema_distill_ >= 0) std::snprintf(kl_text, sizeof(kl_text), " kl %.4f", ema_distill_);
   const int width = 24;
   const int filled = static_cast<int>(width * static_cast<double>(done) / o_.steps);
   std::string bar(filled, '=');
   bar.resize(width, ' ');
   std::snprintf(buf, sizeof(buf),
-                "%sstep %d/%d [%s] loss %.4f acc %.3f%s lr %.2e %.0f tok/s elapsed %s ETA %s",
-                tty ? "\r" : "", done, o_.steps, bar.c_str(), ema_loss_, ema_acc_, aux_text, lr,
+                "%sstep %d/%d [%s] loss %.4f acc %.3f%s%s lr %.2e %.0f tok/s elapsed %s ETA %s",
+                tty ? "\r" : "", done, o_.steps, bar.c_str(), ema_loss_, ema_acc_, aux_text,
+                kl_text, lr,
                 tokens_done_ / elapsed, FormatDuration(elapsed).c_str(),
                 FormatDuration(per_step * (end_step - done)).c_str());
   *log_ << buf << (tty ? "" : "\n") << std::flush;
